@@ -1,0 +1,5 @@
+import sys
+
+from moecl.cli import main
+
+sys.exit(main())

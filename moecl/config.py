@@ -1,0 +1,254 @@
+"""Typed configuration: one dataclass per params.yaml section, built from the file, the CLI or a test.
+
+The defaults here are the documented defaults of params.yaml. An unknown section or key is an error that
+names the file and the key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("moecl", "moecl_nogan", "seq_lora", "per_task_lora", "o_lora")
+MODES = ("classifier", "instruction")
+
+
+from moecl.errors import MoeclError
+
+
+class ParamsError(MoeclError, ValueError):
+    """A params.yaml (or override) problem; the message names the file and the key."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    local_dir: str = "models/base"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+
+@dataclass
+class MethodConfig:
+    name: str = "moecl"
+    adv_alpha: float = 0.1
+    memory_per_task: int = 0
+    mode: str = "classifier"
+    o_lora_lambda_orth: float = 0.5
+    o_lora_lambda_l2: float = 0.0
+
+    @property
+    def uses_shared(self) -> bool:
+        return self.name in ("moecl", "moecl_nogan", "seq_lora")
+
+    @property
+    def uses_dedicated(self) -> bool:
+        return self.name in ("moecl", "moecl_nogan", "per_task_lora", "o_lora")
+
+    @property
+    def uses_gate(self) -> bool:
+        return self.name in ("moecl", "moecl_nogan")
+
+    @property
+    def adversarial_weight(self) -> float:
+        return self.adv_alpha if self.name == "moecl" else 0.0
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    epochs: int = 3
+    batch_size: int = 8
+    max_length: int = 256
+    seed: int = 42
+    dev_fraction: float = 0.1
+    evals_per_epoch: int = 3
+    max_train_examples: int = 0
+    threads: int = 0
+
+
+@dataclass
+class EvaluateConfig:
+    instruction_eval: str = "generate"
+    max_new_tokens: int = 8
+    batch_size: int = 16
+    max_test_examples: int = 0
+    fwt: bool = True
+    stripping_precision: float = 0.9
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/tasks"
+    max_text_chars: int = 20000
+    min_examples_per_label: int = 2
+    max_records: int = 1_000_000
+
+
+@dataclass
+class DriftConfig:
+    report_dir: str = "reports"
+    max_drift_share: float = 0.5
+    text_length_p: float = 0.05
+
+
+@dataclass
+class GateConfig:
+    max_task_drop: float = 0.05
+    min_bwt: float = -0.05
+    min_new_task_accuracy: float = 0.0
+    min_canary_agreement: float = 0.7
+    canary_per_task: int = 32
+    gate_on_data_drift: bool = True
+
+
+@dataclass
+class RegistryConfig:
+    root: str = "registry"
+    banks_dir: str = "banks"
+
+
+@dataclass
+class FlowConfig:
+    poll_cron: str = "*/10 * * * *"
+    concurrency_limit: int = 1
+
+
+@dataclass
+class BenchConfig:
+    preset: str = "smoke"
+
+
+@dataclass
+class Params:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    gate: GateConfig = field(default_factory=GateConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self, source: str = "params") -> Params:
+        if self.method.name not in METHODS:
+            raise ParamsError(f"{source}: method.name={self.method.name!r} is not one of {', '.join(METHODS)}")
+        if self.method.mode not in MODES:
+            raise ParamsError(f"{source}: method.mode={self.method.mode!r} is not one of {', '.join(MODES)}")
+        bad = [t for t in self.lora.targets if t not in ("gate_proj", "up_proj", "down_proj")]
+        if bad or not self.lora.targets:
+            raise ParamsError(f"{source}: lora.targets must be a non-empty subset of gate_proj, up_proj, down_proj")
+        if self.lora.r <= 0:
+            raise ParamsError(f"{source}: lora.r must be positive")
+        if not 0.0 <= self.train.dev_fraction < 1.0:
+            raise ParamsError(f"{source}: train.dev_fraction must be in [0, 1)")
+        if self.evaluate.instruction_eval not in ("generate", "likelihood"):
+            raise ParamsError(f"{source}: evaluate.instruction_eval must be 'generate' or 'likelihood'")
+        return self
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Coerce a YAML/CLI value to the type of the dataclass default (ints given to float fields, etc.)."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ParamsError(f"{where}: expected true/false, got {value!r}")
+    if isinstance(default, int) and not isinstance(default, bool):
+        try:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ParamsError(f"{where}: expected an integer, got {value!r}") from None
+    if isinstance(default, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ParamsError(f"{where}: expected a number, got {value!r}") from None
+    if isinstance(default, list):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ParamsError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    if isinstance(default, str):
+        if not isinstance(value, (str, int, float)):
+            raise ParamsError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def params_from_dict(raw: dict[str, Any] | None, source: str = "params") -> Params:
+    params = Params()
+    for section_name, section_values in (raw or {}).items():
+        if not hasattr(params, section_name):
+            known = ", ".join(f.name for f in dataclasses.fields(Params))
+            raise ParamsError(f"{source}: unknown section {section_name!r} (known: {known})")
+        section = getattr(params, section_name)
+        if section_values is None:
+            continue
+        if not isinstance(section_values, dict):
+            raise ParamsError(f"{source}: section {section_name!r} must be a mapping")
+        names = {f.name for f in dataclasses.fields(section)}
+        for key, value in section_values.items():
+            where = f"{source}: {section_name}.{key}"
+            if key not in names:
+                raise ParamsError(f"{where} is not a known key (known: {', '.join(sorted(names))})")
+            setattr(section, key, _coerce(value, getattr(section, key), where))
+    return params.validate(source)
+
+
+def apply_overrides(params: Params, overrides: list[str] | None) -> Params:
+    """Apply `section.key=value` strings (the CLI's -S/--set), with the same checks as the file."""
+    import yaml
+
+    raw = params.to_dict()
+    for item in overrides or []:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ParamsError(f"override {item!r}: expected section.key=value")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        raw.setdefault(section, {})
+        if not isinstance(raw.get(section), dict):
+            raise ParamsError(f"override {item!r}: unknown section {section!r}")
+        raw[section][key] = yaml.safe_load(value) if value else value
+    return params_from_dict(raw, source="override")
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (a missing file means the embedded defaults) and apply overrides."""
+    import yaml
+
+    params = Params()
+    if path is not None and Path(path).exists():
+        try:
+            raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+        if raw is not None and not isinstance(raw, dict):
+            raise ParamsError(f"{path}: the top level must be a mapping of sections")
+        params = params_from_dict(raw, source=str(path))
+    return apply_overrides(params, overrides) if overrides else params

@@ -1,0 +1,135 @@
+"""The one definition of the continual-learning metrics, used by evaluation, gates, flows, benchmarks and tests.
+
+R[i][j] is the accuracy on task j after training the i-th task of the order (both 0-based here).
+- ACC = mean_j R[T-1][j]
+- BWT = mean_{i<T-1} (R[T-1][i] - R[i][i])                 (0 = no forgetting; negative = forgetting)
+- FWT = mean_{i>=1} (R[i-1][i] - b_i), b_i = the untrained model's accuracy on task i
+A matrix is stored as a list of rows, each a {task_id: accuracy} mapping of the tasks evaluated after that
+step (so a row may hold only some tasks, e.g. when a benchmark evaluates just the cells the metrics need).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+
+def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return float("nan")
+    return sum(p == r for p, r in zip(predictions, references)) / len(references)
+
+
+def normalize_answer(text: str) -> str:
+    """Normalised exact match as O-LoRA/MoCL score generations: lower case, no punctuation, one space."""
+    import re
+
+    text = text.strip().lower()
+    text = re.sub(r"[^\w\s]", " ", text)
+    return " ".join(text.split())
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+@dataclass
+class ContinualMetrics:
+    order: list[str]
+    matrix: list[dict[str, float]]
+    before_training: dict[str, float] = field(default_factory=dict)
+    zero_shot: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def final(self) -> dict[str, float]:
+        return dict(self.matrix[-1]) if self.matrix else {}
+
+    @property
+    def acc(self) -> float:
+        return acc(self.matrix, self.order)
+
+    @property
+    def bwt(self) -> float:
+        return bwt(self.matrix, self.order)
+
+    @property
+    def fwt(self) -> float:
+        return fwt(self.order, self.before_training, self.zero_shot)
+
+    def as_dict(self) -> dict:
+        """The shape of metrics/cl.json."""
+        return {
+            "acc": _json_number(self.acc),
+            "bwt": _json_number(self.bwt),
+            "fwt": _json_number(self.fwt),
+            "per_task": {t: _json_number(v) for t, v in self.final.items()},
+            "order": list(self.order),
+            "matrix": [[_json_number(row.get(t)) for t in self.order] for row in self.matrix],
+            "before_training": {t: _json_number(v) for t, v in self.before_training.items()},
+            "zero_shot": {t: _json_number(v) for t, v in self.zero_shot.items()},
+        }
+
+
+def _json_number(value: float | None) -> float | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return round(float(value), 6)
+
+
+def acc(matrix: Sequence[Mapping[str, float]], order: Sequence[str]) -> float:
+    if not matrix:
+        return float("nan")
+    last = matrix[-1]
+    return _mean([last.get(t) for t in order[: len(matrix)]])
+
+
+def bwt(matrix: Sequence[Mapping[str, float]], order: Sequence[str]) -> float:
+    steps = len(matrix)
+    if steps < 2:
+        return 0.0 if steps == 1 else float("nan")
+    last = matrix[-1]
+    diffs = []
+    for i in range(steps - 1):
+        task = order[i]
+        if task in last and task in matrix[i]:
+            diffs.append(last[task] - matrix[i][task])
+    return _mean(diffs)
+
+
+def fwt(order: Sequence[str], before_training: Mapping[str, float], zero_shot: Mapping[str, float]) -> float:
+    """before_training[t] = R[i-1][i] (the model just before training t); zero_shot[t] = b_t."""
+    diffs = [before_training[t] - zero_shot[t] for t in order[1:] if t in before_training and t in zero_shot]
+    return _mean(diffs)
+
+
+def forgetting_per_task(matrix: Sequence[Mapping[str, float]], order: Sequence[str]) -> dict[str, float]:
+    """Final accuracy minus the accuracy right after the task was learned (negative = forgotten)."""
+    if not matrix:
+        return {}
+    last = matrix[-1]
+    return {t: last[t] - matrix[i][t] for i, t in enumerate(order[: len(matrix)]) if t in last and t in matrix[i]}
+
+
+def stripping_rate(scores: Sequence[float], is_positive: Sequence[bool], precision_target: float = 0.9) -> float:
+    """The paper's industrial metric for a binary compliance task.
+
+    Items are decided automatically from the most confident down (score = the model's probability of the
+    positive label); the stripping rate is the largest share of items that can be decided this way while the
+    precision of those automatic decisions stays >= precision_target.
+    """
+    if len(scores) != len(is_positive):
+        raise ValueError("scores and labels differ in length")
+    n = len(scores)
+    if n == 0:
+        return float("nan")
+    ranked = sorted(zip(scores, is_positive), key=lambda pair: -pair[0])
+    best, hits = 0, 0
+    for k, (_, positive) in enumerate(ranked, start=1):
+        hits += bool(positive)
+        if hits / k >= precision_target:
+            best = k
+    return best / n
