@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moecl.errors import MoeclError
+
 METHODS = ("moecl", "moecl_nogan", "seq_lora", "per_task_lora", "o_lora")
 MODES = ("classifier", "instruction")
-
-
-from moecl.errors import MoeclError
 
 
 class ParamsError(MoeclError, ValueError):
@@ -105,6 +104,7 @@ class DriftConfig:
     report_dir: str = "reports"
     max_drift_share: float = 0.5
     text_length_p: float = 0.05
+    include_text: bool = False
 
 
 @dataclass
@@ -115,12 +115,14 @@ class GateConfig:
     min_canary_agreement: float = 0.7
     canary_per_task: int = 32
     gate_on_data_drift: bool = True
+    max_confidence_ks: float = 0.5
 
 
 @dataclass
 class RegistryConfig:
     root: str = "registry"
     banks_dir: str = "banks"
+    gto_mirror: bool = False
 
 
 @dataclass

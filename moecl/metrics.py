@@ -6,6 +6,11 @@ R[i][j] is the accuracy on task j after training the i-th task of the order (bot
 - FWT = mean_{i>=1} (R[i-1][i] - b_i), b_i = the untrained model's accuracy on task i
 A matrix is stored as a list of rows, each a {task_id: accuracy} mapping of the tasks evaluated after that
 step (so a row may hold only some tasks, e.g. when a benchmark evaluates just the cells the metrics need).
+
+In production a known task can come back with a new data version, so `steps` (the task trained at each
+step, repeats allowed) can be longer than `order` (distinct tasks, by first appearance). BWT then compares
+each task's final accuracy with its accuracy right after the LAST step that trained it; on a classic stream
+(no repeats) every definition above is the textbook one.
 """
 
 from __future__ import annotations
@@ -43,6 +48,11 @@ class ContinualMetrics:
     matrix: list[dict[str, float]]
     before_training: dict[str, float] = field(default_factory=dict)
     zero_shot: dict[str, float] = field(default_factory=dict)
+    steps: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is None:
+            self.steps = list(self.order[: len(self.matrix)])
 
     @property
     def final(self) -> dict[str, float]:
@@ -54,7 +64,7 @@ class ContinualMetrics:
 
     @property
     def bwt(self) -> float:
-        return bwt(self.matrix, self.order)
+        return bwt(self.matrix, self.steps)
 
     @property
     def fwt(self) -> float:
@@ -68,6 +78,7 @@ class ContinualMetrics:
             "fwt": _json_number(self.fwt),
             "per_task": {t: _json_number(v) for t, v in self.final.items()},
             "order": list(self.order),
+            "steps": list(self.steps),
             "matrix": [[_json_number(row.get(t)) for t in self.order] for row in self.matrix],
             "before_training": {t: _json_number(v) for t, v in self.before_training.items()},
             "zero_shot": {t: _json_number(v) for t, v in self.zero_shot.items()},
@@ -81,23 +92,29 @@ def _json_number(value: float | None) -> float | None:
 
 
 def acc(matrix: Sequence[Mapping[str, float]], order: Sequence[str]) -> float:
+    """Mean final accuracy over the tasks learned so far."""
     if not matrix:
         return float("nan")
     last = matrix[-1]
-    return _mean([last.get(t) for t in order[: len(matrix)]])
+    return _mean([last.get(t) for t in order if t in last])
 
 
-def bwt(matrix: Sequence[Mapping[str, float]], order: Sequence[str]) -> float:
-    steps = len(matrix)
-    if steps < 2:
-        return 0.0 if steps == 1 else float("nan")
+def _last_learned(steps: Sequence[str]) -> dict[str, int]:
+    return {task: i for i, task in enumerate(steps)}
+
+
+def bwt(matrix: Sequence[Mapping[str, float]], steps: Sequence[str]) -> float:
+    """`steps[i]` is the task trained at step i (for a classic stream: the task order)."""
+    n = len(matrix)
+    if n < 2:
+        return 0.0 if n == 1 else float("nan")
     last = matrix[-1]
+    final_task = steps[n - 1]
     diffs = []
-    for i in range(steps - 1):
-        task = order[i]
-        if task in last and task in matrix[i]:
+    for task, i in _last_learned(steps[:n]).items():
+        if task != final_task and task in last and task in matrix[i]:
             diffs.append(last[task] - matrix[i][task])
-    return _mean(diffs)
+    return _mean(diffs) if diffs else 0.0
 
 
 def fwt(order: Sequence[str], before_training: Mapping[str, float], zero_shot: Mapping[str, float]) -> float:
@@ -106,12 +123,13 @@ def fwt(order: Sequence[str], before_training: Mapping[str, float], zero_shot: M
     return _mean(diffs)
 
 
-def forgetting_per_task(matrix: Sequence[Mapping[str, float]], order: Sequence[str]) -> dict[str, float]:
-    """Final accuracy minus the accuracy right after the task was learned (negative = forgotten)."""
+def forgetting_per_task(matrix: Sequence[Mapping[str, float]], steps: Sequence[str]) -> dict[str, float]:
+    """Final accuracy minus the accuracy right after the task was (last) learned (negative = forgotten)."""
     if not matrix:
         return {}
     last = matrix[-1]
-    return {t: last[t] - matrix[i][t] for i, t in enumerate(order[: len(matrix)]) if t in last and t in matrix[i]}
+    learned = _last_learned(steps[: len(matrix)])
+    return {t: last[t] - matrix[i][t] for t, i in learned.items() if t in last and t in matrix[i]}
 
 
 def stripping_rate(scores: Sequence[float], is_positive: Sequence[bool], precision_target: float = 0.9) -> float:

@@ -1,0 +1,218 @@
+"""The expert bank on disk: the model artifact.
+
+    <bank>/bank.json                   manifest: base model + hash, method, LoRA settings, tasks (labels, mode,
+                                       data hash), step history, lineage (parent, params, code revision)
+    <bank>/shared.safetensors          the shared expert, the gates and the discriminators (every step changes it)
+    <bank>/expert-<task>.safetensors   one task's dedicated expert, head and discriminator memory
+    <bank>/evaluation.json             written once by evaluation (the accuracy matrix up to this bank)
+
+A bank directory is immutable: it appears whole (written under a temporary name, then renamed) and is never
+rewritten. The files of tasks a step did not train are hard links to (or copies of) the parent's files, so
+they stay byte-identical. Loading reads safetensors and JSON only, never pickle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moecl.config import LoraSettings, MethodConfig
+from moecl.errors import BankError
+from moecl.model.base import BaseSpec
+from moecl.model.moecl_model import MoECLModel, TaskInfo
+
+FORMAT = "moecl-bank/1"
+MANIFEST = "bank.json"
+SHARED_FILE = "shared.safetensors"
+EVALUATION = "evaluation.json"
+
+
+def task_file(task_id: str) -> str:
+    return f"expert-{task_id}.safetensors"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_revision() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@dataclass
+class LoadedBank:
+    model: MoECLModel
+    tokenizer: object
+    manifest: dict
+    memory: dict[str, list[list[int]]]
+
+
+def read_manifest(bank_dir: str | Path) -> dict:
+    path = Path(bank_dir) / MANIFEST
+    if not path.is_file():
+        raise BankError(f"{path}: no bank manifest here (is {bank_dir} an expert bank?)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise BankError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT:
+        raise BankError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
+    return manifest
+
+
+def read_evaluation(bank_dir: str | Path) -> dict | None:
+    path = Path(bank_dir) / EVALUATION
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def new_model(base: BaseSpec, lora: LoraSettings, method: MethodConfig) -> tuple[MoECLModel, object]:
+    base_model, tokenizer = base.load()
+    return MoECLModel(base_model, lora, method), tokenizer
+
+
+def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise BankError(f"{path}: missing bank file")
+    return load_file(str(path))
+
+
+def _assign(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tensor], where: Path) -> None:
+    missing = sorted(set(params) - set(tensors))
+    if missing:
+        raise BankError(f"{where}: missing tensors {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if tuple(tensors[name].shape) != tuple(p.shape):
+                raise BankError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
+            p.copy_(tensors[name].to(p.dtype))
+
+
+def load_bank(bank_dir: str | Path, base: BaseSpec) -> LoadedBank:
+    """Rebuild the model of a bank on a fresh copy of its base model (which must be the same base)."""
+    bank_dir = Path(bank_dir)
+    manifest = read_manifest(bank_dir)
+    recorded = manifest["base_model"]
+    if recorded["sha256"] != base.sha256:
+        raise BankError(
+            f"{bank_dir}: this bank was built on base model {recorded['name']!r} (sha256 {recorded['sha256'][:12]}), "
+            f"not on {base.name!r} (sha256 {base.sha256[:12]}); load it with its own base model"
+        )
+    lora = LoraSettings(**manifest["lora"])
+    method = MethodConfig(**manifest["method"])
+    model, tokenizer = new_model(base, lora, method)
+    memory: dict[str, list[list[int]]] = {}
+    for entry in manifest["tasks"]:
+        model.add_task(TaskInfo(entry["task_id"], entry["labels"], entry.get("instruction", ""),
+                                entry.get("positive_label")))
+        path = bank_dir / entry["file"]
+        tensors = _load_tensors(path)
+        _assign(model.task_parameters(entry["task_id"]), tensors, path)
+        if "memory.input_ids" in tensors:
+            memory[entry["task_id"]] = [[i for i in row if i >= 0] for row in tensors["memory.input_ids"].tolist()]
+    shared = model.shared_parameters()
+    if shared:
+        path = bank_dir / SHARED_FILE
+        _assign(shared, _load_tensors(path), path)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return LoadedBank(model, tokenizer, manifest, memory)
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}, str(path),
+              metadata={"format": "pt"})
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def save_bank(loaded_model: MoECLModel, out_dir: str | Path, *, base: BaseSpec, trained_task: str,
+              parent_dir: str | Path | None, steps: list[str], history: dict, lineage: dict,
+              memory: dict[str, list[list[int]]] | None = None, train_summary: dict | None = None) -> Path:
+    """Write a new bank directory atomically. Tasks other than `trained_task` reuse the parent's files."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise BankError(f"{out_dir}: already exists; banks are immutable, choose a new directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    parent_manifest = read_manifest(parent_dir) if parent_dir else None
+    parent_files = {t["task_id"]: t for t in (parent_manifest or {}).get("tasks", [])}
+    try:
+        tasks = []
+        for info in loaded_model.tasks:
+            name = task_file(info.task_id)
+            reuse = info.task_id != trained_task and info.task_id in parent_files
+            if reuse:
+                _link_or_copy(Path(parent_dir) / parent_files[info.task_id]["file"], tmp / name)
+            else:
+                tensors = {k: v for k, v in loaded_model.task_parameters(info.task_id).items()}
+                rows = (memory or {}).get(info.task_id)
+                if rows:
+                    width = max(len(r) for r in rows)
+                    tensors["memory.input_ids"] = torch.tensor([r + [-1] * (width - len(r)) for r in rows])
+                if not tensors:  # e.g. seq_lora in instruction mode: nothing task-specific to store
+                    tensors = {"empty": torch.zeros(0)}
+                _save_tensors(tensors, tmp / name)
+            entry = {"task_id": info.task_id, "labels": info.labels, "instruction": info.instruction,
+                     "positive_label": info.positive_label, "mode": loaded_model.mode, "file": name,
+                     "sha256": file_sha256(tmp / name)}
+            if reuse:
+                entry["data_hash"] = parent_files[info.task_id].get("data_hash")
+            else:
+                entry["data_hash"] = lineage.get("data_hash")
+            tasks.append(entry)
+        shared_entry = None
+        shared = loaded_model.shared_parameters()
+        if shared:
+            _save_tensors(dict(shared), tmp / SHARED_FILE)
+            shared_entry = {"file": SHARED_FILE, "sha256": file_sha256(tmp / SHARED_FILE)}
+        manifest = {
+            "format": FORMAT,
+            "base_model": {"name": base.name, "sha256": base.sha256},
+            "method": dataclasses.asdict(loaded_model.method),
+            "lora": dataclasses.asdict(loaded_model.lora),
+            "mode": loaded_model.mode,
+            "tasks": tasks,
+            "shared": shared_entry,
+            "steps": list(steps),
+            "history": history,
+            "lineage": {"parent": str(parent_dir) if parent_dir else None, "trained_task": trained_task,
+                        "code_revision": code_revision(), **lineage},
+            "train": train_summary or {},
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,85 @@
+"""Evaluation: each task's test accuracy for a bank, the accuracy matrix, ACC/BWT/FWT, stripping rates."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from moecl.bank import EVALUATION, load_bank, read_evaluation
+from moecl.config import Params
+from moecl.data.task import Record, TaskData
+from moecl.errors import UnknownTaskError
+from moecl.metrics import ContinualMetrics, accuracy, stripping_rate
+from moecl.model.base import BaseSpec
+from moecl.model.inference import predict
+from moecl.sampling import stratified_sample
+
+
+def task_predictions(model, tokenizer, task_id: str, records: list[Record], params: Params, *,
+                     disabled: bool = False, with_scores: bool = False):
+    return predict(model, tokenizer, task_id, [r.text for r in records], max_length=params.train.max_length,
+                   batch_size=params.evaluate.batch_size, instruction_eval=params.evaluate.instruction_eval,
+                   max_new_tokens=params.evaluate.max_new_tokens, disabled=disabled, with_scores=with_scores)
+
+
+def task_accuracy(model, tokenizer, task_id: str, records: list[Record], params: Params, *,
+                  disabled: bool = False) -> float:
+    preds = task_predictions(model, tokenizer, task_id, records, params, disabled=disabled)
+    return accuracy([p.label for p in preds], [r.label for r in records])
+
+
+def evaluate_model(model, tokenizer, tasks: dict[str, TaskData], params: Params, *, progress: bool = True):
+    """Accuracy (and the stripping rate of binary tasks with a positive label) of every task in the model."""
+    from tqdm.auto import tqdm
+
+    missing = [t for t in model.task_ids if t not in tasks]
+    if missing:
+        raise UnknownTaskError(f"no test data for task(s) {', '.join(missing)} known to the bank")
+    row, stripping, sizes = {}, {}, {}
+    for task_id in tqdm(model.task_ids, desc="evaluate", disable=not progress, leave=False):
+        task = tasks[task_id]
+        records = stratified_sample(task.test, params.evaluate.max_test_examples, params.train.seed)
+        binary = task.positive_label is not None and len(task.labels) == 2
+        preds = task_predictions(model, tokenizer, task_id, records, params, with_scores=binary)
+        row[task_id] = accuracy([p.label for p in preds], [r.label for r in records])
+        sizes[task_id] = len(records)
+        if binary and preds and preds[0].scores:
+            stripping[task_id] = stripping_rate([p.scores.get(task.positive_label, 0.0) for p in preds],
+                                                [r.label == task.positive_label for r in records],
+                                                params.evaluate.stripping_precision)
+    return row, stripping, sizes
+
+
+def evaluate_bank(bank_dir: str | Path, base: BaseSpec, tasks: dict[str, TaskData], params: Params, *,
+                  write: bool = True, progress: bool = True) -> dict:
+    """Evaluate a bank on every task it knows; append the row to its history; write evaluation.json once.
+
+    Returns the evaluation record: {"metrics": cl.json shape, "rows", "steps", "stripping_rate", "test_sizes"}.
+    An already evaluated bank returns its stored evaluation (a bank and its evaluation never change).
+    """
+    bank_dir = Path(bank_dir)
+    existing = read_evaluation(bank_dir)
+    if existing is not None:
+        return existing
+    loaded = load_bank(bank_dir, base)
+    row, stripping, sizes = evaluate_model(loaded.model, loaded.tokenizer, tasks, params, progress=progress)
+    history = loaded.manifest.get("history") or {}
+    steps = list(loaded.manifest.get("steps", []))
+    rows = list(history.get("matrix", [])) + [row]
+    order = list(dict.fromkeys(steps))
+    metrics = ContinualMetrics(order=order, matrix=rows, before_training=history.get("before_training", {}),
+                               zero_shot=history.get("zero_shot", {}), steps=steps)
+    record = {"metrics": metrics.as_dict(), "rows": rows, "steps": steps, "stripping_rate": stripping,
+              "test_sizes": sizes}
+    if write:
+        tmp = bank_dir / f".{EVALUATION}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, bank_dir / EVALUATION)
+    return record
+
+
+def metrics_of(record: dict) -> ContinualMetrics:
+    m = record["metrics"]
+    return ContinualMetrics(order=m["order"], matrix=record["rows"], before_training=m["before_training"],
+                            zero_shot=m["zero_shot"], steps=record["steps"])

@@ -1,0 +1,106 @@
+"""Turning task records into token ids, for both output modes, and left-padded batches.
+
+classifier:  the text alone; the task's head reads the last token.
+instruction: "<instruction>\\nOptions: a, b, c\\nText: <text>\\nAnswer:" followed by " <label><eos>"; the LM loss
+             covers the answer tokens only. Texts are truncated (never the instruction or the answer).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+DEFAULT_INSTRUCTION = "Classify the text into one of the options."
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    answer_start: int  # index of the first answer token (== len(input_ids) when there is no answer)
+    label_index: int  # the class index (classifier mode), -1 if unknown
+    task_id: str
+
+
+def instruction_parts(instruction: str, labels: list[str]) -> tuple[str, str]:
+    prefix = f"{instruction or DEFAULT_INSTRUCTION}\nOptions: {', '.join(labels)}\nText: "
+    return prefix, "\nAnswer:"
+
+
+class Encoder:
+    """Tokenizes records of one task for one mode; caches the pieces that do not depend on the text."""
+
+    def __init__(self, tokenizer, task_id: str, labels: list[str], instruction: str, mode: str, max_length: int):
+        self.tokenizer = tokenizer
+        self.task_id = task_id
+        self.labels = list(labels)
+        self.mode = mode
+        self.max_length = max_length
+        self.label_index = {label: i for i, label in enumerate(self.labels)}
+        if mode == "instruction":
+            prefix, suffix = instruction_parts(instruction, self.labels)
+            self.prefix_ids = tokenizer(prefix, add_special_tokens=True)["input_ids"]
+            self.suffix_ids = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+            self.answer_ids = {label: self.answer_tokens(label) for label in self.labels}
+
+    def answer_tokens(self, label: str) -> list[int]:
+        ids = self.tokenizer(" " + label, add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        return ids + ([eos] if eos is not None else [])
+
+    def _text_ids(self, text: str, budget: int) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids[: max(1, budget)]
+
+    def encode(self, text: str, label: str | None = None, with_answer: bool = True) -> Encoded:
+        index = self.label_index.get(label, -1) if label is not None else -1
+        if self.mode == "classifier":
+            ids = self.tokenizer(text, add_special_tokens=True, truncation=True, max_length=self.max_length)[
+                "input_ids"
+            ]
+            return Encoded(ids, len(ids), index, self.task_id)
+        answer = self.answer_ids.get(label, []) if (with_answer and label is not None) else []
+        longest_answer = max(len(a) for a in self.answer_ids.values())
+        budget = self.max_length - len(self.prefix_ids) - len(self.suffix_ids) - longest_answer
+        prompt = self.prefix_ids + self._text_ids(text, budget) + self.suffix_ids
+        return Encoded(prompt + answer, len(prompt), index, self.task_id)
+
+
+def pad_id(tokenizer) -> int:
+    pid = tokenizer.pad_token_id
+    if pid is None:
+        pid = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return pid
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    lm_labels: torch.Tensor  # IGNORE_INDEX outside the answers (instruction mode)
+    class_labels: torch.Tensor  # class index per row (classifier mode), -1 where unknown
+    tasks: list[str]
+    for_task_loss: torch.Tensor  # bool per row: False for discriminator-memory rows
+
+    def to(self, device) -> Batch:
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.lm_labels.to(device),
+                     self.class_labels.to(device), self.tasks, self.for_task_loss.to(device))
+
+
+def collate(items: list[Encoded], pad: int, for_task_loss: list[bool] | None = None) -> Batch:
+    """Left-pad a list of encoded records into one batch."""
+    width = max(len(e.input_ids) for e in items)
+    ids = torch.full((len(items), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    lm_labels = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(items):
+        n = len(e.input_ids)
+        offset = width - n
+        ids[row, offset:] = torch.tensor(e.input_ids, dtype=torch.long)
+        mask[row, offset:] = 1
+        if e.answer_start < n:
+            lm_labels[row, offset + e.answer_start:] = torch.tensor(e.input_ids[e.answer_start:], dtype=torch.long)
+    flags = torch.tensor(for_task_loss if for_task_loss is not None else [True] * len(items), dtype=torch.bool)
+    return Batch(ids, mask, lm_labels, torch.tensor([e.label_index for e in items], dtype=torch.long),
+                 [e.task_id for e in items], flags)

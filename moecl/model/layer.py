@@ -1,0 +1,157 @@
+"""The MoE-CL feed-forward block: a frozen SwiGLU FFN, LoRA experts, a token-wise gate, a task discriminator.
+
+Each expert e is the full FFN with its own deltas, FFN_e(u) = (W2 + dW2_e) act((W1 + dW1_e) u) * ((W3 + dW3_e) u).
+The gate's weights are per-token scalars and W2 is linear, so
+    beta_s FFN_s(u) + beta_t FFN_t(u) = W2 (beta_s h_s + beta_t h_t) + beta_s dW2_s h_s + beta_t dW2_t h_t:
+the base projections run once per token and only the small deltas run per expert. The discriminator reads the
+shared expert's output mean-pooled over non-pad tokens; that is linear in h_s too, so it costs one projection
+of a pooled vector per sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from moecl.model.lora import Expert
+
+
+class _GradientReversal(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.scale * grad, None
+
+
+def gradient_reversal(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward; the gradient flowing back is multiplied by -scale (DANN's reversal layer)."""
+    return _GradientReversal.apply(x, scale)
+
+
+RowGroups = list[tuple[tuple[str, ...], "torch.Tensor | None"]]
+
+
+def group_rows(per_sample: list[tuple[str, ...]], device: torch.device) -> RowGroups:
+    """Rows that use the same experts, grouped; a single group covering every row needs no indexing."""
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for row, names in enumerate(per_sample):
+        groups.setdefault(tuple(names), []).append(row)
+    if len(groups) == 1:
+        return [(next(iter(groups)), None)]
+    return [(names, torch.tensor(rows, device=device)) for names, rows in groups.items()]
+
+
+@dataclass
+class Routing:
+    """What every MoE-CL layer needs to know about the current forward pass (set once by the wrapper)."""
+
+    branches: list[RowGroups] = field(default_factory=list)  # 1 branch (plain) or 2 (shared, dedicated: gated)
+    gated: bool = False
+    disabled: bool = False  # run the bare base FFN (the untrained model)
+    token_mask: torch.Tensor | None = None  # [B, L] 1 for real tokens, for the discriminator's pooling
+    collect_discriminator: bool = False
+    reverse_scale: float = 0.0
+    discriminator_logits: list[torch.Tensor] = field(default_factory=list)
+
+
+class MoEFeedForward(nn.Module):
+    """Replaces one decoder layer's `mlp`. The wrapped base FFN is frozen and never modified."""
+
+    def __init__(self, base_mlp: nn.Module, hidden: int, intermediate: int, routing: Routing):
+        super().__init__()
+        self.base = base_mlp
+        self.hidden = hidden
+        self.intermediate = intermediate
+        self.experts = nn.ModuleDict()
+        self.gate: nn.Linear | None = None
+        self.discriminator: nn.Linear | None = None
+        # A plain attribute (not a submodule): one Routing object is shared by every layer of the model.
+        object.__setattr__(self, "routing", routing)
+
+    # --- structure -------------------------------------------------------------------------------------
+    def add_expert(self, name: str, targets: list[str], r: int, scale: float, dropout: float) -> Expert:
+        expert = Expert(self.hidden, self.intermediate, targets, r, scale, dropout)
+        self.experts[name] = expert.to(self.base.down_proj.weight.device)
+        return expert
+
+    def add_gate(self) -> None:
+        self.gate = nn.Linear(self.hidden, 2, bias=False, device=self.base.down_proj.weight.device)
+        nn.init.normal_(self.gate.weight, std=0.02)
+
+    def grow_discriminator(self, num_tasks: int) -> None:
+        """Linear(d -> T) with one row per known task; earlier rows are kept when a task is added."""
+        old = self.discriminator
+        new = nn.Linear(self.hidden, num_tasks, bias=False, device=self.base.down_proj.weight.device)
+        nn.init.normal_(new.weight, std=0.02)
+        if old is not None:
+            with torch.no_grad():
+                new.weight[: old.out_features].copy_(old.weight)
+        self.discriminator = new
+
+    # --- compute ---------------------------------------------------------------------------------------
+    def _delta(self, projection: str, x: torch.Tensor, groups: RowGroups) -> torch.Tensor | None:
+        """Sum of the deltas of each row's experts on `projection`, or None when no expert targets it."""
+        out = None
+        for names, rows in groups:
+            deltas = [self.experts[n][projection] for n in names if projection in self.experts[n]]
+            if not deltas:
+                continue
+            xs = x if rows is None else x.index_select(0, rows)
+            d = deltas[0](xs)
+            for extra in deltas[1:]:
+                d = d + extra(xs)
+            if rows is None:
+                out = d if out is None else out + d
+            else:
+                full = torch.zeros(x.shape[:-1] + d.shape[-1:], dtype=d.dtype, device=d.device)
+                full = full.index_copy(0, rows, d)
+                out = full if out is None else out + full
+        return out
+
+    @staticmethod
+    def _add(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
+        return base if delta is None else base + delta.to(base.dtype)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        routing = self.routing
+        base = self.base
+        if routing.disabled or not routing.branches:
+            return base(u)
+        gate_base = base.gate_proj(u)
+        up_base = base.up_proj(u)
+        hiddens = []
+        for groups in routing.branches:
+            g = self._add(gate_base, self._delta("gate_proj", u, groups))
+            v = self._add(up_base, self._delta("up_proj", u, groups))
+            hiddens.append(base.act_fn(g) * v)
+
+        if routing.gated:
+            beta = torch.softmax(self.gate(u.to(self.gate.weight.dtype)), dim=-1).to(u.dtype)
+            beta_s, beta_t = beta[..., 0:1], beta[..., 1:2]
+            h_s, h_t = hiddens
+            out = base.down_proj(beta_s * h_s + beta_t * h_t)
+            d_s = self._delta("down_proj", h_s, routing.branches[0])
+            d_t = self._delta("down_proj", h_t, routing.branches[1])
+            if d_s is not None:
+                out = out + beta_s * d_s.to(out.dtype)
+            if d_t is not None:
+                out = out + beta_t * d_t.to(out.dtype)
+        else:
+            out = self._add(base.down_proj(hiddens[0]), self._delta("down_proj", hiddens[0], routing.branches[0]))
+
+        if routing.collect_discriminator and self.discriminator is not None:
+            routing.discriminator_logits.append(self._discriminate(hiddens[0], routing))
+        return out
+
+    def _discriminate(self, h_shared: torch.Tensor, routing: Routing) -> torch.Tensor:
+        mask = routing.token_mask.to(h_shared.dtype).unsqueeze(-1)
+        pooled = (h_shared * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        shared_out = self._add(self.base.down_proj(pooled), self._delta("down_proj", pooled, routing.branches[0]))
+        reversed_out = gradient_reversal(shared_out.to(self.discriminator.weight.dtype), routing.reverse_scale)
+        return self.discriminator(reversed_out)

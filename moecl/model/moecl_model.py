@@ -1,0 +1,221 @@
+"""MoECLModel: installs MoE-CL feed-forward blocks into a Hugging Face causal LM and routes each forward pass.
+
+Works with any decoder whose FFN has gate_proj/up_proj/down_proj and act_fn (Llama, Qwen2, Mistral, Gemma,
+SmolLM). The base weights are frozen and never change. Which experts a forward pass uses depends on the method:
+  moecl, moecl_nogan: shared expert + the sample's dedicated expert, mixed by the token-wise gate
+  seq_lora:           the shared expert alone (one LoRA trained on every task in turn)
+  per_task_lora:      the sample's dedicated expert alone
+  o_lora:             the sum of every task's expert (task-agnostic, as in O-LoRA)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from moecl.config import LoraSettings, MethodConfig
+from moecl.errors import MoeclError, UnknownTaskError
+from moecl.model.layer import MoEFeedForward, Routing, group_rows
+
+SHARED = "shared"
+
+
+def expert_name(task_id: str) -> str:
+    return f"t_{task_id}"
+
+
+@dataclass
+class TaskInfo:
+    task_id: str
+    labels: list[str]
+    instruction: str = ""
+    positive_label: str | None = None
+
+
+def _is_gated_ffn(module: nn.Module) -> bool:
+    return all(hasattr(module, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn"))
+
+
+def install_moe_layers(base_model: nn.Module, routing: Routing) -> list[MoEFeedForward]:
+    """Replace every gated FFN of the model with a MoEFeedForward wrapping it (in place, in layer order)."""
+    targets = []
+    for parent in base_model.modules():
+        if isinstance(parent, MoEFeedForward):
+            raise MoeclError("this model already has MoE-CL layers installed")
+        for child_name, child in parent.named_children():
+            if _is_gated_ffn(child):
+                targets.append((parent, child_name, child))
+    if not targets:
+        raise MoeclError(
+            "the base model has no gated feed-forward block (gate_proj/up_proj/down_proj): MoE-CL needs a "
+            "Llama-style decoder (Llama, Qwen2, Mistral, Gemma, SmolLM)"
+        )
+    layers = []
+    for parent, child_name, child in targets:
+        layer = MoEFeedForward(child, child.gate_proj.in_features, child.gate_proj.out_features, routing)
+        setattr(parent, child_name, layer)
+        layers.append(layer)
+    return layers
+
+
+class MoECLModel(nn.Module):
+    def __init__(self, base_model: nn.Module, lora: LoraSettings, method: MethodConfig):
+        super().__init__()
+        self.base_model = base_model
+        self.lora = lora
+        self.method = method
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        self.routing = Routing()
+        self.layers = install_moe_layers(base_model, self.routing)
+        self.hidden_size = self.layers[0].hidden
+        self.heads = nn.ModuleDict()
+        self.tasks: list[TaskInfo] = []
+        if method.uses_shared:
+            for layer in self.layers:
+                layer.add_expert(SHARED, lora.targets, lora.r, lora.scale, lora.dropout)
+        if method.uses_gate:
+            for layer in self.layers:
+                layer.add_gate()
+
+    # --- tasks ------------------------------------------------------------------------------------------
+    @property
+    def task_ids(self) -> list[str]:
+        return [t.task_id for t in self.tasks]
+
+    @property
+    def has_discriminator(self) -> bool:
+        return self.method.name == "moecl"
+
+    @property
+    def mode(self) -> str:
+        return self.method.mode
+
+    def task(self, task_id: str) -> TaskInfo:
+        for info in self.tasks:
+            if info.task_id == task_id:
+                return info
+        known = ", ".join(self.task_ids) or "none"
+        raise UnknownTaskError(f"unknown task {task_id!r}: this bank knows {known}")
+
+    def task_index(self, task_id: str) -> int:
+        return self.task_ids.index(task_id)
+
+    def add_task(self, info: TaskInfo) -> None:
+        """A new task: a fresh dedicated expert (B = 0, so nothing changes yet) and, in classifier mode, a head."""
+        if info.task_id in self.task_ids:
+            raise MoeclError(f"task {info.task_id!r} is already in the bank")
+        self.tasks.append(info)
+        if self.method.uses_dedicated:
+            for layer in self.layers:
+                layer.add_expert(expert_name(info.task_id), self.lora.targets, self.lora.r, self.lora.scale,
+                                 self.lora.dropout)
+        if self.mode == "classifier":
+            device = self.layers[0].base.down_proj.weight.device
+            self.heads[info.task_id] = nn.Linear(self.hidden_size, len(info.labels), device=device)
+        if self.has_discriminator:
+            for layer in self.layers:
+                layer.grow_discriminator(len(self.tasks))
+
+    # --- parameters -------------------------------------------------------------------------------------
+    def shared_parameters(self) -> dict[str, nn.Parameter]:
+        """The shared expert, the gates and the discriminators: everything every task depends on."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            if SHARED in layer.experts:
+                for name, p in layer.experts[SHARED].named_parameters():
+                    out[f"layers.{i}.shared.{name}"] = p
+            if layer.gate is not None:
+                out[f"layers.{i}.gate.weight"] = layer.gate.weight
+            if layer.discriminator is not None:
+                out[f"layers.{i}.discriminator.weight"] = layer.discriminator.weight
+        return out
+
+    def task_parameters(self, task_id: str) -> dict[str, nn.Parameter]:
+        """The task's dedicated expert and its head: isolated, never touched by another task's step."""
+        self.task(task_id)
+        out = {}
+        name = expert_name(task_id)
+        for i, layer in enumerate(self.layers):
+            if name in layer.experts:
+                for pname, p in layer.experts[name].named_parameters():
+                    out[f"layers.{i}.expert.{pname}"] = p
+        if task_id in self.heads:
+            for pname, p in self.heads[task_id].named_parameters():
+                out[f"head.{pname}"] = p
+        return out
+
+    def trainable_parameters(self, task_id: str) -> list[nn.Parameter]:
+        """Exactly what a step on `task_id` may change; every other parameter gets requires_grad=False."""
+        for p in self.parameters():
+            p.requires_grad_(False)
+        params = list(self.shared_parameters().values()) + list(self.task_parameters(task_id).values())
+        for p in params:
+            p.requires_grad_(True)
+        return params
+
+    # --- routing ----------------------------------------------------------------------------------------
+    def _branches(self, sample_tasks: list[str], device: torch.device):
+        for t in set(sample_tasks):
+            self.task(t)
+        name = self.method.name
+        if name in ("moecl", "moecl_nogan"):
+            shared = group_rows([(SHARED,)] * len(sample_tasks), device)
+            dedicated = group_rows([(expert_name(t),) for t in sample_tasks], device)
+            return [shared, dedicated], True
+        if name == "seq_lora":
+            return [group_rows([(SHARED,)] * len(sample_tasks), device)], False
+        if name == "per_task_lora":
+            return [group_rows([(expert_name(t),) for t in sample_tasks], device)], False
+        if name == "o_lora":
+            everything = tuple(expert_name(t) for t in self.task_ids)
+            return [group_rows([everything] * len(sample_tasks), device)], False
+        raise MoeclError(f"unknown method {name!r}")
+
+    @contextmanager
+    def routed(self, sample_tasks: list[str], *, attention_mask: torch.Tensor | None = None,
+               collect_discriminator: bool = False, reverse_scale: float = 0.0, disabled: bool = False):
+        """Route the forward passes inside the block: which experts each sample uses, and what to collect."""
+        r = self.routing
+        device = self.layers[0].base.down_proj.weight.device
+        if disabled:
+            r.branches, r.gated = [], False
+        else:
+            r.branches, r.gated = self._branches(sample_tasks, device)
+        r.disabled = disabled
+        r.token_mask = attention_mask
+        r.collect_discriminator = collect_discriminator and self.has_discriminator
+        r.reverse_scale = reverse_scale
+        r.discriminator_logits = []
+        try:
+            yield r
+        finally:
+            r.branches, r.gated, r.disabled, r.token_mask = [], False, False, None
+            r.collect_discriminator, r.discriminator_logits = False, []
+
+    # --- forward ----------------------------------------------------------------------------------------
+    @staticmethod
+    def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+        """Inputs are left-padded; positions count real tokens only."""
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def decoder_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final-norm hidden states of the decoder (no LM head). Call inside `routed(...)`."""
+        decoder = getattr(self.base_model, self.base_model.base_model_prefix)
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=self.position_ids(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_id: str) -> torch.Tensor:
+        """Head logits on the last token (the last non-pad token, since inputs are left-padded)."""
+        hidden = self.decoder_hidden(input_ids, attention_mask)
+        head = self.heads[task_id]
+        return head(hidden[:, -1, :].to(head.weight.dtype))
+
+    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=self.position_ids(attention_mask), use_cache=False)
+        return out.logits

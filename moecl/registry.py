@@ -1,0 +1,455 @@
+"""The model registry: immutable bank versions, an append-only decision log, and the champion pointer.
+
+Layout under the registry root (params `registry.root`, default `registry/`):
+
+- `versions/<version>.json` - one record per bank version ("v0001", "v0002", ...), written once and never
+  changed: lineage (bank_dir, parent_version, task_id, data_version, data_hashes, params, code_revision,
+  flow_run_id) plus the evaluation metrics and the gate's verdict. The record is written to a temporary file,
+  fsynced, then hard-linked to its final name: the link fails if the name exists, so two processes can never
+  take the same id, and a reader never sees a half-written record.
+- `events.jsonl` - one JSON event per line (registered / promoted / rejected / rolled_back), each appended
+  with a single O_APPEND write and fsync. A version's status is derived from these events, never stored in
+  its record. A torn (unparsable) line left by a crash is ignored.
+- `champion.json` - {"version": ..., "previous": [older champions, most recent first]}, replaced atomically
+  with os.replace, so a crash leaves the old or the new champion, never a mix. Promotion and rollback hold an
+  advisory lock (`.lock`) so two of them cannot interleave.
+
+`bank_dir` is stored relative to the project root (by default the registry root's parent) when the bank
+lies under it, so a project folder can move or be cloned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from moecl.errors import MoeclError
+from moecl.io import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+GTO_ARTIFACT = "moecl-bank"
+GTO_STAGE = "prod"
+STATUSES = ("candidate", "promoted", "rejected", "rolled_back")
+DONE_STATUSES = ("promoted", "rejected", "rolled_back")  # a dataset version that reached one was processed
+_VERSION_RE = re.compile(r"^v(\d+)$")
+
+
+class RegistryError(MoeclError):
+    """An unknown version, a missing bank, no champion to roll back to, or a malformed registry file."""
+
+
+@dataclass
+class VersionRecord:
+    version: str
+    created_at: str
+    bank_dir: str
+    parent_version: str | None = None
+    task_id: str | None = None
+    data_version: str | None = None
+    data_hashes: dict[str, str] = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
+    code_revision: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    gate: dict[str, Any] = field(default_factory=dict)
+    flow_run_id: str | None = None
+    status: str = "candidate"  # derived from events.jsonl when read; not part of the stored record
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> VersionRecord:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+
+def normalize_version(version: str | int) -> str:
+    """'3', 'v3' and 'v0003' all name v0003; anything else (a path, an empty string) is an error."""
+    text = str(version).strip()
+    match = _VERSION_RE.match(text) or _VERSION_RE.match(f"v{text}")
+    if not match:
+        raise RegistryError(f"{version!r} is not a registry version (expected e.g. v0003)")
+    return f"v{int(match.group(1)):04d}"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON: NaN/inf become null, paths strings, dataclasses dicts, tuples lists."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _dumps(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(_jsonable(obj), indent=indent, sort_keys=indent is not None, allow_nan=False)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_temp(directory: Path, text: str) -> Path:
+    """A fully written, fsynced temporary file in `directory` (same file system as its final name)."""
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RegistryError(f"{path}: cannot read registry file: {exc}") from None
+    if not isinstance(data, dict):
+        raise RegistryError(f"{path}: expected a JSON object")
+    return data
+
+
+def _git_revision(cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+class Registry:
+    def __init__(self, root: str | Path, project_root: str | Path | None = None, gto_mirror: bool = False):
+        self.root = Path(root)
+        self.project_root = Path(project_root) if project_root is not None else self.root.resolve().parent
+        self.gto_mirror = gto_mirror
+
+    @classmethod
+    def from_params(cls, params: Any, project_root: str | Path | None = None) -> Registry:
+        base = Path(project_root) if project_root is not None else Path.cwd()
+        root = Path(params.registry.root)
+        return cls(root if root.is_absolute() else base / root, base, params.registry.gto_mirror)
+
+    # -- paths ---------------------------------------------------------------------------------------------
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    @property
+    def events_path(self) -> Path:
+        return self.root / "events.jsonl"
+
+    @property
+    def champion_path(self) -> Path:
+        return self.root / "champion.json"
+
+    def _record_path(self, version: str) -> Path:
+        return self.versions_dir / f"{version}.json"
+
+    def bank_path(self, record: VersionRecord) -> Path:
+        bank = Path(record.bank_dir)
+        return bank if bank.is_absolute() else self.project_root / bank
+
+    def _stored_bank_dir(self, bank_dir: Path) -> str:
+        resolved = bank_dir.resolve()
+        try:
+            return resolved.relative_to(self.project_root.resolve()).as_posix()
+        except ValueError:
+            return str(resolved)
+
+    # -- writing -------------------------------------------------------------------------------------------
+    def register(
+        self,
+        bank_dir: str | Path,
+        *,
+        parent_version: str | None = None,
+        task_id: str | None = None,
+        data_version: str | None = None,
+        data_hashes: dict[str, str] | None = None,
+        params: Any = None,
+        code_revision: str | None = None,
+        metrics: dict[str, Any] | None = None,
+        gate: dict[str, Any] | None = None,
+        flow_run_id: str | None = None,
+    ) -> VersionRecord:
+        """Record a new bank version (a challenger) under the next free id; returns it as a candidate."""
+        bank_dir = Path(bank_dir)
+        if not bank_dir.is_dir():
+            raise RegistryError(f"cannot register {bank_dir}: not a directory")
+        if parent_version is not None:
+            parent_version = normalize_version(parent_version)
+        if params is not None and hasattr(params, "to_dict"):
+            params = params.to_dict()
+        fields = {
+            "created_at": _now(),
+            "bank_dir": self._stored_bank_dir(bank_dir),
+            "parent_version": parent_version,
+            "task_id": task_id,
+            "data_version": data_version,
+            "data_hashes": dict(data_hashes or {}),
+            "params": params or {},
+            "code_revision": code_revision or _git_revision(self.project_root),
+            "metrics": metrics or {},
+            "gate": gate or {},
+            "flow_run_id": None if flow_run_id is None else str(flow_run_id),
+        }
+        _dumps(fields)  # fail on unserialisable lineage before anything is written
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+        number = self._last_number() + 1
+        while True:
+            record = VersionRecord(version=f"v{number:04d}", **fields)
+            stored = {k: v for k, v in record.to_dict().items() if k != "status"}
+            tmp = _write_temp(self.versions_dir, _dumps(stored) + "\n")
+            try:
+                os.link(tmp, self._record_path(record.version))  # fails if another process took this id
+            except FileExistsError:
+                number = max(number + 1, self._last_number() + 1)
+                continue
+            finally:
+                tmp.unlink(missing_ok=True)
+            break
+        _fsync_dir(self.versions_dir)
+        self._append_event("registered", record.version)
+        return record
+
+    def record_rejection(self, version: str, reasons: list[str] | str | None = None) -> VersionRecord:
+        """Log the gate's rejection of a challenger; the champion is untouched."""
+        record = self.get(version)
+        if self._champion_state().get("version") == record.version:
+            raise RegistryError(f"{record.version} is the champion: roll back instead of rejecting it")
+        reasons = [reasons] if isinstance(reasons, str) else list(reasons or [])
+        self._append_event("rejected", record.version, reason="; ".join(reasons), reasons=reasons)
+        record.status = "rejected"
+        return record
+
+    def promote(self, version: str, reason: str = "") -> VersionRecord:
+        """Make `version` the champion; the old champion heads the `previous` list."""
+        record = self.get(version)
+        if not self.bank_path(record).is_dir():
+            raise RegistryError(
+                f"cannot promote {record.version}: its bank {self.bank_path(record)} is missing"
+            )
+        if self._champion_state().get("version") == record.version:
+            raise RegistryError(f"{record.version} is already the champion")
+        with self._lock():
+            state = self._champion_state()
+            old = state.get("version")
+            if old == record.version:
+                raise RegistryError(f"{record.version} is already the champion")
+            previous = [v for v in [old, *state.get("previous", [])] if v and v != record.version]
+            write_json_atomic(self.champion_path, {"version": record.version, "previous": previous})
+            self._append_event("promoted", record.version, reason=reason, replaced=old)
+        record.status = "promoted"
+        if self.gto_mirror:
+            self._mirror_to_gto(record, reason)
+        return record
+
+    def rollback(self, reason: str = "") -> VersionRecord:
+        """Restore the previous champion; returns its record."""
+        self._rollback_plan()  # check before taking the lock, so a refused rollback writes nothing
+        with self._lock():
+            current, restored, rest = self._rollback_plan()
+            write_json_atomic(self.champion_path, {"version": restored.version, "previous": rest})
+            self._append_event("rolled_back", current, reason=reason, to=restored.version)
+        restored.status = "promoted"
+        if self.gto_mirror:
+            self._mirror_to_gto(restored, reason or f"rollback from {current}")
+        return restored
+
+    def _rollback_plan(self) -> tuple[str, VersionRecord, list[str]]:
+        state = self._champion_state()
+        current, previous = state.get("version"), list(state.get("previous", []))
+        if not current:
+            raise RegistryError("no champion to roll back")
+        if not previous:
+            raise RegistryError(f"cannot roll back: {current} is the only champion there has been")
+        restored = self.get(previous[0])
+        if not self.bank_path(restored).is_dir():
+            raise RegistryError(
+                f"cannot roll back to {restored.version}: its bank {restored.bank_dir} is missing"
+            )
+        return current, restored, previous[1:]
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def get(self, version: str) -> VersionRecord:
+        version = normalize_version(version)
+        path = self._record_path(version)
+        if not path.exists():
+            raise RegistryError(f"unknown version {version} (no {path})")
+        record = VersionRecord.from_dict(_read_json(path))
+        record.status = self._statuses().get(version, "candidate")
+        return record
+
+    def list_versions(self) -> list[VersionRecord]:
+        """Every version, oldest first, with its derived status."""
+        statuses = self._statuses()
+        records = []
+        for _number, path in self._record_files():
+            record = VersionRecord.from_dict(_read_json(path))
+            record.status = statuses.get(record.version, "candidate")
+            records.append(record)
+        return records
+
+    def champion(self) -> VersionRecord | None:
+        version = self._champion_state().get("version")
+        return self.get(version) if version else None
+
+    def champion_bank(self) -> Path | None:
+        record = self.champion()
+        return self.bank_path(record) if record else None
+
+    def processed(self, task_id: str, data_hash: str) -> VersionRecord | None:
+        """The newest version of `task_id` built from `data_hash` that was decided (promoted, rejected or
+        rolled back), so a rerun on the same dataset version can do nothing; None if there is none."""
+        for record in reversed(self.list_versions()):
+            if record.task_id != task_id or record.status not in DONE_STATUSES:
+                continue
+            if data_hash in (record.data_version, record.data_hashes.get(task_id)):
+                return record
+        return None
+
+    def history_events(self, version: str | None = None) -> list[dict[str, Any]]:
+        """The decision log, oldest first (optionally one version's events); torn lines are skipped."""
+        if not self.events_path.exists():
+            return []
+        lines = self.events_path.read_text(encoding="utf-8").split("\n")
+        events = []
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                if i < len(lines) - 1:  # the last line may be torn by a crash; anything else deserves a word
+                    log.warning("%s:%d: skipping an unreadable event line", self.events_path, i + 1)
+                continue
+            if isinstance(event, dict) and (version is None or event.get("version") == version):
+                events.append(event)
+        return events
+
+    # -- internals -----------------------------------------------------------------------------------------
+    def _record_files(self) -> list[tuple[int, Path]]:
+        if not self.versions_dir.is_dir():
+            return []
+        found = []
+        for path in self.versions_dir.glob("v*.json"):
+            match = _VERSION_RE.match(path.stem)
+            if match:
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def _last_number(self) -> int:
+        files = self._record_files()
+        return files[-1][0] if files else 0
+
+    def _statuses(self) -> dict[str, str]:
+        statuses: dict[str, str] = {}
+        for event in self.history_events():
+            kind, version = event.get("event"), event.get("version")
+            if kind == "promoted" or kind == "rejected" or kind == "rolled_back":
+                statuses[version] = kind
+            elif kind == "registered":
+                statuses.setdefault(version, "candidate")
+        champion = self._champion_state().get("version")
+        if champion:  # champion.json is the truth even if a crash lost the promotion's event
+            statuses[champion] = "promoted"
+        return statuses
+
+    def _champion_state(self) -> dict[str, Any]:
+        if not self.champion_path.exists():
+            return {}
+        state = _read_json(self.champion_path)
+        if not isinstance(state.get("previous", []), list):
+            raise RegistryError(f"{self.champion_path}: 'previous' must be a list")
+        return state
+
+    def _append_event(self, kind: str, version: str, **details: Any) -> None:
+        event = {"event": kind, "version": version, "time": _now(), **details}
+        data = (_dumps(event, indent=None) + "\n").encode("utf-8")
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                data = b"\n" + data  # a crash left a torn line: start ours on a fresh one
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """An advisory lock around champion changes (released by the OS if the holder dies)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except ImportError:  # no fcntl (Windows): single-writer use only
+                pass
+            yield
+        finally:
+            os.close(fd)
+
+    def _mirror_to_gto(self, record: VersionRecord, reason: str) -> None:
+        """Best effort: assign GTO stage `prod` of artifact `moecl-bank` to the commit that built `record`.
+
+        GTO versions are per git commit (GTO registers one on first assignment), so several registry
+        versions built from one commit share a GTO version; the tag message names the registry version.
+        """
+        if _git_revision(self.project_root) is None:
+            log.warning("gto mirror skipped: %s is not a git repository with commits", self.project_root)
+            return
+        message = f"moecl {record.version}" + (f": {reason}" if reason else "")
+        try:
+            from gto import api as gto_api
+
+            gto_api.assign(
+                str(self.project_root),
+                GTO_ARTIFACT,
+                GTO_STAGE,
+                ref=record.code_revision or "HEAD",
+                message=message,
+                force=True,
+            )
+        except Exception as exc:  # the mirror must never break a promotion
+            log.warning("gto mirror of %s failed: %s", record.version, exc)

@@ -1,0 +1,135 @@
+"""One continual-learning step: from a parent bank (or none) and one task's data to a new bank.
+
+New task: a fresh dedicated expert (and head) is added; the step trains it with the shared expert, the gates
+and the discriminators. A new data version of a KNOWN task continues that task's own expert. Every other
+task's expert and head receive no gradient and their files are carried over byte-identical.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from moecl.bank import load_bank, new_model, read_evaluation, read_manifest, save_bank
+from moecl.config import Params
+from moecl.data.task import TaskData
+from moecl.errors import BankError, MoeclError
+from moecl.model.base import BaseSpec
+from moecl.model.encoding import Encoder
+from moecl.model.moecl_model import TaskInfo
+from moecl.sampling import stratified_sample
+from moecl.train.loop import StepLosses, TrainOutcome, train_on_task
+
+
+@dataclass
+class StepResult:
+    bank_dir: Path
+    task_id: str
+    new_task: bool
+    losses: StepLosses | None
+    best_dev_accuracy: float
+    before_training: float | None = None  # R[i-1][i]: the new task just before training
+    zero_shot: float | None = None  # b_i: the untrained base model on the new task
+    seconds: float = 0.0
+    outcome: TrainOutcome = field(default_factory=TrainOutcome)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:
+        pass
+
+
+def parent_history(parent_bank: Path | None) -> dict:
+    """The accuracy history up to the parent: its evaluation if it was evaluated, else its own history."""
+    if parent_bank is None:
+        return {"matrix": [], "steps": [], "before_training": {}, "zero_shot": {}}
+    evaluation = read_evaluation(parent_bank)
+    manifest = read_manifest(parent_bank)
+    history = dict(manifest.get("history") or {})
+    if evaluation:
+        history["matrix"] = evaluation["rows"]
+        history["steps"] = evaluation["steps"]
+    history.setdefault("matrix", [])
+    history.setdefault("steps", [])
+    history.setdefault("before_training", {})
+    history.setdefault("zero_shot", {})
+    return history
+
+
+def _test_records(task: TaskData, params: Params):
+    return stratified_sample(task.test, params.evaluate.max_test_examples, params.train.seed)
+
+
+def run_step(params: Params, task: TaskData, *, base: BaseSpec, out_bank: str | Path,
+             parent_bank: str | Path | None = None, lineage: dict | None = None, progress: bool = True) -> StepResult:
+    from moecl.evaluate import task_accuracy
+
+    started = time.perf_counter()
+    if params.train.threads:
+        torch.set_num_threads(params.train.threads)
+    parent_bank = Path(parent_bank) if parent_bank else None
+    out_bank = Path(out_bank)
+    if out_bank.exists():
+        raise BankError(f"{out_bank}: already exists; banks are immutable, choose a new directory")
+    seed_everything(params.train.seed)
+    if parent_bank is not None:
+        loaded = load_bank(parent_bank, base)
+        model, tokenizer, memory = loaded.model, loaded.tokenizer, dict(loaded.memory)
+        for key in ("name", "mode"):
+            if getattr(model.method, key) != getattr(params.method, key):
+                raise MoeclError(f"params method.{key}={getattr(params.method, key)!r} but the bank {parent_bank} "
+                                 f"was built with {getattr(model.method, key)!r}; start a new bank to change it")
+        model.method.adv_alpha = params.method.adv_alpha
+        model.method.memory_per_task = params.method.memory_per_task
+        steps = list(loaded.manifest.get("steps", []))
+    else:
+        model, tokenizer = new_model(base, params.lora, params.method)
+        memory, steps = {}, []
+    seed_everything(params.train.seed + len(steps))
+
+    new_task = task.task_id not in model.task_ids
+    if new_task:
+        model.add_task(TaskInfo(task.task_id, list(task.labels), task.instruction, task.positive_label))
+    elif model.task(task.task_id).labels != list(task.labels):
+        raise MoeclError(f"task {task.task_id!r}: labels changed from {model.task(task.task_id).labels} to "
+                         f"{task.labels}; a task's labels are fixed once learned (use a new task id)")
+
+    history = parent_history(parent_bank)
+    result_before = result_zero = None
+    if new_task and params.evaluate.fwt:
+        test = _test_records(task, params)
+        result_before = task_accuracy(model, tokenizer, task.task_id, test, params)
+        result_zero = task_accuracy(model, tokenizer, task.task_id, test, params, disabled=True)
+        history["before_training"] = {**history["before_training"], task.task_id: result_before}
+        history["zero_shot"] = {**history["zero_shot"], task.task_id: result_zero}
+
+    outcome = train_on_task(model, tokenizer, task, params, memory=memory, progress=progress)
+
+    if params.method.memory_per_task > 0 and model.has_discriminator:
+        encoder = Encoder(tokenizer, task.task_id, task.labels, task.instruction, model.mode, params.train.max_length)
+        kept = stratified_sample(task.train, params.method.memory_per_task, params.train.seed)
+        memory[task.task_id] = [encoder.encode(r.text, with_answer=False).input_ids for r in kept]
+
+    summary = {
+        "final_losses": outcome.final_losses._asdict() if outcome.final_losses else None,
+        "best_dev_accuracy": outcome.best_dev_accuracy, "best_step": outcome.best_step,
+        "optimisation_steps": len(outcome.losses), "train_examples": outcome.train_examples,
+        "dev_examples": outcome.dev_examples,
+    }
+    save_bank(model, out_bank, base=base, trained_task=task.task_id, parent_dir=parent_bank,
+              steps=steps + [task.task_id], history=history,
+              lineage={"data_hash": task.content_hash(), "params": params.to_dict(), **(lineage or {})},
+              memory={task.task_id: memory[task.task_id]} if task.task_id in memory else None,
+              train_summary=summary)
+    return StepResult(out_bank, task.task_id, new_task, outcome.final_losses, outcome.best_dev_accuracy,
+                      result_before, result_zero, time.perf_counter() - started, outcome)
