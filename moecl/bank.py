@@ -106,16 +106,20 @@ def _assign(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tens
             p.copy_(tensors[name].to(p.dtype))
 
 
-def load_bank(bank_dir: str | Path, base: BaseSpec) -> LoadedBank:
-    """Rebuild the model of a bank on a fresh copy of its base model (which must be the same base)."""
-    bank_dir = Path(bank_dir)
-    manifest = read_manifest(bank_dir)
+def check_base(bank_dir: str | Path, manifest: dict, base: BaseSpec) -> None:
     recorded = manifest["base_model"]
     if recorded["sha256"] != base.sha256:
         raise BankError(
             f"{bank_dir}: this bank was built on base model {recorded['name']!r} (sha256 {recorded['sha256'][:12]}), "
             f"not on {base.name!r} (sha256 {base.sha256[:12]}); load it with its own base model"
         )
+
+
+def load_bank(bank_dir: str | Path, base: BaseSpec) -> LoadedBank:
+    """Rebuild the model of a bank on a fresh copy of its base model (which must be the same base)."""
+    bank_dir = Path(bank_dir)
+    manifest = read_manifest(bank_dir)
+    check_base(bank_dir, manifest, base)
     lora = LoraSettings(**manifest["lora"])
     method = MethodConfig(**manifest["method"])
     model, tokenizer = new_model(base, lora, method)

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from moecl.bank import EVALUATION, load_bank, read_evaluation
+from moecl.bank import EVALUATION, check_base, load_bank, read_evaluation, read_manifest
 from moecl.config import Params
 from moecl.data.task import Record, TaskData
 from moecl.errors import UnknownTaskError
@@ -62,11 +62,16 @@ def evaluate_bank(bank_dir: str | Path, base: BaseSpec, tasks: dict[str, TaskDat
     existing = read_evaluation(bank_dir)
     if existing is not None:
         return existing
-    loaded = load_bank(bank_dir, base)
-    row, stripping, sizes = evaluate_model(loaded.model, loaded.tokenizer, tasks, params, progress=progress)
-    history = loaded.manifest.get("history") or {}
-    steps = list(loaded.manifest.get("steps", []))
-    rows = list(history.get("matrix", [])) + [row]
+    manifest = read_manifest(bank_dir)
+    check_base(bank_dir, manifest, base)
+    history = manifest.get("history") or {}
+    steps = list(manifest.get("steps", []))
+    if len(history.get("matrix", [])) == len(steps):  # the step already evaluated this bank
+        rows, stripping, sizes = list(history["matrix"]), history.get("stripping_rate", {}), {}
+    else:
+        loaded = load_bank(bank_dir, base)
+        row, stripping, sizes = evaluate_model(loaded.model, loaded.tokenizer, tasks, params, progress=progress)
+        rows = list(history.get("matrix", [])) + [row]
     order = list(dict.fromkeys(steps))
     metrics = ContinualMetrics(order=order, matrix=rows, before_training=history.get("before_training", {}),
                                zero_shot=history.get("zero_shot", {}), steps=steps)

@@ -71,8 +71,14 @@ def _test_records(task: TaskData, params: Params):
 
 
 def run_step(params: Params, task: TaskData, *, base: BaseSpec, out_bank: str | Path,
-             parent_bank: str | Path | None = None, lineage: dict | None = None, progress: bool = True) -> StepResult:
-    from moecl.evaluate import task_accuracy
+             parent_bank: str | Path | None = None, lineage: dict | None = None, progress: bool = True,
+             eval_tasks: dict[str, TaskData] | None = None) -> StepResult:
+    """Train `task` from `parent_bank` into the new bank `out_bank`.
+
+    With `eval_tasks` (test data of the bank's other tasks) the step also evaluates every task after training
+    and stores that row of the accuracy matrix in the bank, so each bank carries its full history.
+    """
+    from moecl.evaluate import evaluate_model, task_accuracy
 
     started = time.perf_counter()
     if params.train.threads:
@@ -114,6 +120,12 @@ def run_step(params: Params, task: TaskData, *, base: BaseSpec, out_bank: str | 
         history["zero_shot"] = {**history["zero_shot"], task.task_id: result_zero}
 
     outcome = train_on_task(model, tokenizer, task, params, memory=memory, progress=progress)
+
+    if eval_tasks is not None:
+        row, stripping, _ = evaluate_model(model, tokenizer, {**eval_tasks, task.task_id: task}, params,
+                                           progress=progress)
+        history["matrix"] = list(history["matrix"]) + [row]
+        history["stripping_rate"] = stripping
 
     if params.method.memory_per_task > 0 and model.has_discriminator:
         encoder = Encoder(tokenizer, task.task_id, task.labels, task.instruction, model.mode, params.train.max_length)

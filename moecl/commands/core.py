@@ -1,0 +1,175 @@
+"""`moecl step`, `moecl eval`, `moecl predict`: the core library as commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _params(args):
+    from moecl.config import load_params
+
+    return load_params(args.params, args.overrides)
+
+
+def resolve_bank(params, bank: str | None) -> Path:
+    """The bank given on the command line, else the registry's champion."""
+    from moecl.errors import BankError
+
+    if bank:
+        return Path(bank)
+    from moecl.registry import Registry
+
+    champion = Registry.from_params(params).champion_bank()
+    if champion is None:
+        raise BankError("no --bank given and the registry has no champion yet (run `moecl step` or `moecl evolve`)")
+    return Path(champion)
+
+
+def load_tasks(params, task_ids) -> dict:
+    """Validated task data for each id, from params data.root."""
+    from moecl.data.validate import load_task
+    from moecl.errors import UnknownTaskError
+
+    root = Path(params.data.root)
+    tasks = {}
+    for task_id in task_ids:
+        folder = root / task_id
+        if not folder.is_dir():
+            raise UnknownTaskError(f"no task folder {folder} (data.root is {root})")
+        tasks[task_id] = load_task(folder, params.data)
+    return tasks
+
+
+def _next_bank_dir(params, task_id: str) -> Path:
+    root = Path(params.registry.banks_dir)
+    n = 1 + sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else 1
+    return root / f"{n:04d}-{task_id}"
+
+
+def cmd_step(args) -> int:
+    from moecl.bank import read_manifest
+    from moecl.model.base import base_from_params
+    from moecl.train.step import run_step
+
+    params = _params(args)
+    known = [t["task_id"] for t in read_manifest(args.bank)["tasks"]] if args.bank else []
+    # every task is validated before anything is loaded or written
+    tasks = load_tasks(params, list(dict.fromkeys(known + [args.task])))
+    task = tasks.pop(args.task)
+    out = Path(args.out) if args.out else _next_bank_dir(params, args.task)
+    base = base_from_params(params.model)
+    result = run_step(params, task, base=base, out_bank=out, parent_bank=args.bank, progress=not args.quiet,
+                      eval_tasks=tasks)
+    summary = {"bank": str(result.bank_dir), "task": result.task_id, "new_task": result.new_task,
+               "losses": result.losses._asdict() if result.losses else None,
+               "best_dev_accuracy": result.best_dev_accuracy, "before_training": result.before_training,
+               "zero_shot": result.zero_shot, "seconds": round(result.seconds, 2)}
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def format_matrix(metrics: dict) -> str:
+    order, steps = metrics["order"], metrics.get("steps", metrics["order"])
+    width = max([len(t) for t in order] + [12])
+    lines = ["after step".ljust(width + 4) + "".join(t[:10].rjust(11) for t in order)]
+    for i, row in enumerate(metrics["matrix"]):
+        cells = "".join(("-" if v is None else f"{v:.3f}").rjust(11) for v in row)
+        lines.append(f"{i + 1:>2}. {steps[i]}".ljust(width + 4) + cells)
+    acc, bwt, fwt = (metrics[k] for k in ("acc", "bwt", "fwt"))
+    lines.append("ACC " + ("n/a" if acc is None else f"{acc:.3f}") + "   BWT " + ("n/a" if bwt is None else f"{bwt:+.3f}")
+                 + "   FWT " + ("n/a" if fwt is None else f"{fwt:+.3f}"))
+    return "\n".join(lines)
+
+
+def cmd_eval(args) -> int:
+    from moecl.bank import read_manifest
+    from moecl.evaluate import evaluate_bank
+    from moecl.model.base import base_from_params
+
+    params = _params(args)
+    bank = resolve_bank(params, args.bank)
+    manifest = read_manifest(bank)
+    tasks = load_tasks(params, [t["task_id"] for t in manifest["tasks"]])
+    record = evaluate_bank(bank, base_from_params(params.model), tasks, params, progress=not args.quiet)
+    if args.out:
+        from moecl.io import write_json_atomic
+
+        write_json_atomic(args.out, record["metrics"])
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        print(format_matrix(record["metrics"]))
+        for task_id, rate in record.get("stripping_rate", {}).items():
+            print(f"stripping rate {task_id}: {rate:.3f} (precision >= {params.evaluate.stripping_precision})")
+    return 0
+
+
+def _read_texts(args) -> list[str]:
+    if args.texts:
+        return list(args.texts)
+    from moecl.errors import MoeclError
+
+    texts = []
+    for n, line in enumerate(sys.stdin, start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            raise MoeclError(f"<stdin>:{n}: not valid JSON (expected {{\"text\": ...}} per line)") from None
+        if isinstance(obj, str):
+            texts.append(obj)
+        elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
+            texts.append(obj["text"])
+        else:
+            raise MoeclError(f"<stdin>:{n}: text: expected a string field 'text'")
+    return texts
+
+
+def cmd_predict(args) -> int:
+    from moecl.bank import load_bank, read_manifest
+    from moecl.errors import MoeclError, UnknownTaskError
+    from moecl.model.base import base_from_params
+    from moecl.model.inference import predict
+
+    params = _params(args)
+    bank = resolve_bank(params, args.bank)
+    known = [t["task_id"] for t in read_manifest(bank)["tasks"]]
+    if args.task not in known:  # checked before the model is loaded
+        raise UnknownTaskError(f"unknown task {args.task!r}: the bank {bank} knows {', '.join(known) or 'none'}")
+    texts = _read_texts(args)
+    if not texts:
+        raise MoeclError("no texts: pass them as arguments or as JSON lines on stdin")
+    loaded = load_bank(bank, base_from_params(params.model))
+    preds = predict(loaded.model, loaded.tokenizer, args.task, texts, max_length=params.train.max_length,
+                    batch_size=params.evaluate.batch_size, instruction_eval=params.evaluate.instruction_eval,
+                    max_new_tokens=params.evaluate.max_new_tokens, with_scores=True)
+    for text, p in zip(texts, preds):
+        print(json.dumps({"text": text[:80], **p.as_dict()}, ensure_ascii=False))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("step", help="train one continual-learning step on a task into a new bank")
+    p.add_argument("--task", required=True, help="task id (a folder under params data.root)")
+    p.add_argument("--bank", help="parent bank to start from (default: start a new bank)")
+    p.add_argument("--out", help="new bank directory (default: <registry.banks_dir>/<n>-<task>)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_step)
+
+    p = sub.add_parser("eval", help="evaluate a bank on every task it knows: the matrix, ACC, BWT, FWT")
+    p.add_argument("--bank", help="bank directory (default: the registry's champion)")
+    p.add_argument("--out", help="also write the metrics JSON here")
+    p.add_argument("--json", action="store_true", help="print the full evaluation record as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(handler=cmd_eval)
+
+    p = sub.add_parser("predict", help="predict labels for texts (arguments, or JSON lines on stdin)")
+    p.add_argument("--task", required=True, help="task id known to the bank")
+    p.add_argument("--bank", help="bank directory (default: the registry's champion)")
+    p.add_argument("texts", nargs="*", help="texts to classify (default: read JSON lines from stdin)")
+    p.set_defaults(handler=cmd_predict)

@@ -1,0 +1,35 @@
+import pytest
+
+from moecl.config import Params, ParamsError, apply_overrides, load_params
+
+
+def test_repo_params_file_loads_with_paper_defaults():
+    p = load_params("params.yaml")
+    assert (p.lora.r, p.lora.alpha, p.lora.dropout) == (8, 16, 0.05)
+    assert p.lora.targets == ["gate_proj", "up_proj", "down_proj"]
+    assert p.method.adv_alpha == 0.1 and p.method.memory_per_task == 0
+    assert p.train.lr == 2e-4 and p.train.weight_decay == 0.01
+
+
+def test_typo_in_params_names_file_and_key(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: train.learning_rate is not a known key"):
+        load_params(f)
+    f.write_text("trian:\n  lr: 0.1\n")
+    with pytest.raises(ParamsError, match="unknown section 'trian'"):
+        load_params(f)
+
+
+def test_bad_values_are_rejected(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("train:\n  epochs: three\n")
+    with pytest.raises(ParamsError, match="train.epochs: expected an integer"):
+        load_params(f)
+    with pytest.raises(ParamsError, match="method.name"):
+        apply_overrides(Params(), ["method.name=magic"])
+
+
+def test_overrides():
+    p = apply_overrides(Params(), ["train.lr=0.001", "lora.targets=up_proj,down_proj", "evaluate.fwt=false"])
+    assert p.train.lr == 0.001 and p.lora.targets == ["up_proj", "down_proj"] and p.evaluate.fwt is False

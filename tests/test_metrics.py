@@ -1,0 +1,73 @@
+import math
+
+import pytest
+
+from moecl.metrics import (ContinualMetrics, acc, accuracy, bwt, forgetting_per_task, fwt, normalize_answer,
+                           stripping_rate)
+
+ORDER = ["a", "b", "c"]
+# R[i][j]: row = after step i, column = task j
+MATRIX = [
+    {"a": 0.90},
+    {"a": 0.80, "b": 0.70},
+    {"a": 0.60, "b": 0.65, "c": 0.50},
+]
+
+
+def test_acc_is_mean_of_last_row():
+    assert acc(MATRIX, ORDER) == pytest.approx((0.60 + 0.65 + 0.50) / 3)
+
+
+def test_bwt_hand_computed():
+    # ((0.60 - 0.90) + (0.65 - 0.70)) / 2
+    assert bwt(MATRIX, ORDER) == pytest.approx(-0.175)
+
+
+def test_fwt_hand_computed():
+    before = {"a": 0.3, "b": 0.40, "c": 0.30}
+    zero = {"a": 0.3, "b": 0.25, "c": 0.20}
+    # ((0.40 - 0.25) + (0.30 - 0.20)) / 2; the first task does not count
+    assert fwt(ORDER, before, zero) == pytest.approx(0.125)
+
+
+def test_no_forgetting_is_zero_and_single_step_bwt_is_zero():
+    flat = [{"a": 0.5}, {"a": 0.5, "b": 0.7}]
+    assert bwt(flat, ["a", "b"]) == 0.0
+    assert bwt(MATRIX[:1], ORDER) == 0.0
+
+
+def test_repeated_task_compares_with_its_last_training():
+    steps = ["a", "b", "a", "c"]
+    rows = [{"a": 0.5}, {"a": 0.4, "b": 0.8}, {"a": 0.9, "b": 0.7}, {"a": 0.85, "b": 0.6, "c": 0.5}]
+    # a: 0.85 - 0.9 (its last training is step 2); b: 0.6 - 0.8
+    assert bwt(rows, steps) == pytest.approx(((0.85 - 0.9) + (0.6 - 0.8)) / 2)
+    m = ContinualMetrics(order=["a", "b", "c"], matrix=rows, steps=steps)
+    assert m.as_dict()["matrix"][0] == [0.5, None, None]
+    assert forgetting_per_task(rows, steps) == pytest.approx({"a": -0.05, "b": -0.2, "c": 0.0})
+
+
+def test_continual_metrics_json_shape():
+    m = ContinualMetrics(order=ORDER, matrix=MATRIX, before_training={"b": 0.4, "c": 0.3},
+                         zero_shot={"b": 0.25, "c": 0.2})
+    d = m.as_dict()
+    assert d["acc"] == pytest.approx(0.583333, abs=1e-6)
+    assert d["bwt"] == pytest.approx(-0.175)
+    assert d["fwt"] == pytest.approx(0.125)
+    assert d["matrix"][1] == [0.8, 0.7, None]
+    assert d["per_task"] == {"a": 0.6, "b": 0.65, "c": 0.5}
+
+
+def test_accuracy_and_normalisation():
+    assert accuracy(["x", "y", "z"], ["x", "y", "y"]) == pytest.approx(2 / 3)
+    assert math.isnan(accuracy([], []))
+    assert normalize_answer("  Sports. ") == "sports"
+    assert normalize_answer("Sci/Tech") == "sci tech"
+
+
+def test_stripping_rate():
+    scores = [0.99, 0.95, 0.9, 0.8, 0.6, 0.4]
+    positive = [True, True, True, False, True, False]
+    # top-3 all correct (precision 1.0); top-4 0.75; top-5 0.8: at target 0.9 the best is 3 of 6
+    assert stripping_rate(scores, positive, 0.9) == pytest.approx(0.5)
+    assert stripping_rate(scores, positive, 0.75) == pytest.approx(5 / 6)
+    assert stripping_rate([0.9], [False], 0.9) == 0.0

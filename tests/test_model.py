@@ -1,0 +1,187 @@
+import copy
+import filecmp
+
+import pytest
+import torch
+
+from moecl.config import METHODS, MethodConfig, Params
+from moecl.model.moecl_model import SHARED, MoECLModel, TaskInfo, expert_name
+
+
+def _inputs(tok, texts=("goal team coach", "profit bank stock merger revenue")):
+    enc = tok(list(texts), return_tensors="pt", padding=True)
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("mode", ["classifier", "instruction"])
+def test_at_init_the_mixture_equals_the_base_model(tiny_base, tiny_tok, method, mode):
+    base_model, _ = tiny_base.load()
+    ids, mask = _inputs(tiny_tok)
+    with torch.no_grad():
+        reference = base_model(input_ids=ids, attention_mask=mask,
+                               position_ids=MoECLModel.position_ids(mask)).logits
+    model = MoECLModel(base_model, Params().lora, MethodConfig(name=method, mode=mode))
+    model.add_task(TaskInfo("t1", ["x", "y"]))
+    model.add_task(TaskInfo("t2", ["x", "y"]))
+    model.eval()
+    with torch.no_grad(), model.routed(["t2", "t2"]):
+        mixed = model.lm_logits(ids, mask)
+    torch.testing.assert_close(mixed, reference, rtol=1e-5, atol=1e-5)
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_what_changed_after_two_steps(tiny_base, fast_params, two_tasks, tmp_path):
+    """Base and task-1 expert/head bit-identical; shared expert, gates, discriminators, task-2 expert changed."""
+    from moecl.bank import load_bank
+    from moecl.train.step import run_step
+
+    t1, t2 = two_tasks
+    params = copy.deepcopy(fast_params)
+    params.method.memory_per_task = 4  # so the discriminator sees two classes in step 2
+    run_step(params, t1, base=tiny_base, out_bank=tmp_path / "b1", progress=False)
+    before = load_bank(tmp_path / "b1", tiny_base).model
+    result = run_step(params, t2, base=tiny_base, parent_bank=tmp_path / "b1", out_bank=tmp_path / "b2",
+                      progress=False)
+    after = load_bank(tmp_path / "b2", tiny_base).model
+    assert result.new_task and result.losses is not None
+
+    fresh_base, _ = tiny_base.load()
+    for name, p in fresh_base.named_parameters():  # the frozen base: bit-identical to a fresh copy
+        module_name = name.replace(".mlp.", ".mlp.base.")
+        torch.testing.assert_close(dict(after.base_model.named_parameters())[module_name], p, rtol=0, atol=0)
+
+    old_t1 = before.task_parameters("topics")
+    for name, p in after.task_parameters("topics").items():
+        assert torch.equal(p, old_t1[name]), f"task-1 parameter {name} changed"
+    old_shared = before.shared_parameters()
+    new_shared = after.shared_parameters()
+    changed = {n for n in new_shared if n in old_shared and not torch.equal(new_shared[n], old_shared[n])}
+    assert any(".shared." in n and n.endswith(".B") for n in changed), "shared expert did not change"
+    assert any(".gate." in n for n in changed), "gates did not change"
+    assert any(".discriminator." in n for n in new_shared)
+    for i, layer in enumerate(after.layers):  # discriminators grew to 2 tasks and their task-1 rows moved
+        assert layer.discriminator.out_features == 2
+    assert any(".discriminator." in n for n in changed), "discriminators did not change"
+    t2_params = after.task_parameters("sentiment")
+    assert any(n.endswith(".B") and t2_params[n].abs().sum() > 0 for n in t2_params), "task-2 expert untrained"
+    assert filecmp.cmp(tmp_path / "b1" / "expert-topics.safetensors", tmp_path / "b2" / "expert-topics.safetensors",
+                       shallow=False)
+
+
+def test_gradient_reversal_sign(tiny_base, tiny_tok):
+    """The discriminator gets +dL_adv; the shared expert gets -alpha * dL_adv (the reversed gradient)."""
+    from moecl.model.encoding import collate, pad_id
+    from moecl.train.terms import AdversarialTerm
+
+    base_model, _ = tiny_base.load()
+    torch.manual_seed(0)
+    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl", adv_alpha=0.1))
+    model.add_task(TaskInfo("a", ["x", "y"]))
+    model.add_task(TaskInfo("b", ["x", "y"]))
+    with torch.no_grad():  # non-zero B so the adversarial gradient reaches A and B
+        for p in model.shared_parameters().values():
+            p.add_(0.05 * torch.randn_like(p))
+    model.eval()  # no dropout: both passes must see the same forward
+    from moecl.model.encoding import Encoded
+
+    items = [Encoded(tiny_tok(t)["input_ids"], 0, -1, task) for t, task in
+             [("goal team", "a"), ("profit bank stock", "b"), ("coach win cup", "a"), ("merger trade", "b")]]
+    batch = collate(items, pad_id(tiny_tok))
+
+    def adversarial_grads(scale):
+        model.zero_grad(set_to_none=True)
+        for p in model.shared_parameters().values():
+            p.requires_grad_(True)
+        with model.routed(batch.tasks, attention_mask=batch.attention_mask, collect_discriminator=True,
+                          reverse_scale=scale) as routing:
+            model.decoder_hidden(batch.input_ids, batch.attention_mask)
+            loss = AdversarialTerm(0.1)(model, batch, routing)["discriminator"]
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.shared_parameters().items() if p.grad is not None}, loss.item()
+
+    reversed_grads, loss = adversarial_grads(0.1)
+    plain_grads, _ = adversarial_grads(-1.0)  # reversal by -1: the plain gradient of L_adv
+    disc = [n for n in plain_grads if ".discriminator." in n]
+    shared = [n for n in plain_grads if ".shared." in n and plain_grads[n].abs().sum() > 0]
+    assert disc and shared and loss > 0
+    for n in disc:
+        torch.testing.assert_close(reversed_grads[n], plain_grads[n])
+    for n in shared:
+        torch.testing.assert_close(reversed_grads[n], -0.1 * plain_grads[n], rtol=1e-4, atol=1e-8)
+
+
+def test_discriminator_loss_decreases_under_adversarial_training(tiny_base, fast_params, two_tasks, tmp_path):
+    from moecl.train.step import run_step
+
+    params = copy.deepcopy(fast_params)
+    params.method.memory_per_task = 8
+    params.method.adv_alpha = 0.1
+    params.train.epochs = 4
+    params.train.dev_fraction = 0.0
+    t1, t2 = two_tasks
+    run_step(params, t1, base=tiny_base, out_bank=tmp_path / "b1", progress=False)
+    result = run_step(params, t2, base=tiny_base, parent_bank=tmp_path / "b1", out_bank=tmp_path / "b2",
+                      progress=False)
+    disc = [loss.discriminator for loss in result.outcome.losses]
+    assert disc[0] > 0
+    assert sum(disc[-3:]) / 3 < sum(disc[:3]) / 3, disc
+    for loss in result.outcome.losses:  # total = task + adversarial, adversarial = -alpha * L_adv
+        assert loss.adversarial == pytest.approx(-0.1 * loss.discriminator)
+        assert loss.total == pytest.approx(loss.task + loss.adversarial)
+
+
+def test_mixed_batch_routes_each_sample_to_its_own_expert(tiny_base, tiny_tok):
+    base_model, _ = tiny_base.load()
+    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl"))
+    model.add_task(TaskInfo("a", ["x", "y"]))
+    model.add_task(TaskInfo("b", ["x", "y"]))
+    with torch.no_grad():
+        for layer in model.layers:
+            for name in (expert_name("a"), expert_name("b"), SHARED):
+                for delta in layer.experts[name].values():
+                    delta.B.normal_(0, 0.5)
+    model.eval()
+    ids, mask = _inputs(tiny_tok)
+    with torch.no_grad():
+        with model.routed(["a", "b"]):
+            mixed = model.lm_logits(ids, mask)
+        with model.routed(["a", "a"]):
+            only_a = model.lm_logits(ids, mask)
+        with model.routed(["b", "b"]):
+            only_b = model.lm_logits(ids, mask)
+    torch.testing.assert_close(mixed[0], only_a[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed[1], only_b[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(only_a[1], only_b[1])
+
+
+def test_base_projections_run_once_per_layer(tiny_base, tiny_tok):
+    """The cost claim: gate/up/down base projections run once per forward, whatever the number of experts."""
+    base_model, _ = tiny_base.load()
+    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl"))
+    for i in range(5):
+        model.add_task(TaskInfo(f"t{i}", ["x", "y"]))
+    calls = {"gate_proj": 0, "up_proj": 0, "down_proj": 0}
+    for layer in model.layers:
+        for proj in calls:
+            getattr(layer.base, proj).register_forward_hook(lambda *a, _p=proj: calls.__setitem__(_p, calls[_p] + 1))
+    ids, mask = _inputs(tiny_tok)
+    with torch.no_grad(), model.routed(["t3", "t3"]):
+        model.lm_logits(ids, mask)
+    n = len(model.layers)
+    assert calls == {"gate_proj": n, "up_proj": n, "down_proj": n}
+
+
+def test_trainable_set_is_exactly_shared_plus_current_task(tiny_base):
+    base_model, _ = tiny_base.load()
+    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl"))
+    model.add_task(TaskInfo("a", ["x", "y"]))
+    model.add_task(TaskInfo("b", ["x", "y"]))
+    trainable = {id(p) for p in model.trainable_parameters("b")}
+    expected = {id(p) for p in list(model.shared_parameters().values()) + list(model.task_parameters("b").values())}
+    assert trainable == expected
+    assert all(not p.requires_grad for p in model.task_parameters("a").values())
+    assert all(not p.requires_grad for p in model.base_model.parameters() if id(p) not in expected)
