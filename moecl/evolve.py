@@ -1,0 +1,296 @@
+"""The path of one dataset version: validate -> drift -> CL step -> evaluate -> gate -> promote or reject.
+
+Library code (no Prefect, no DVC): the flows, the DVC stages, the CLI and the tests call these functions.
+A dataset version is a task folder's content hash; the registry remembers which versions were processed, so
+processing is idempotent. `evolution_lock` serialises whole runs in one workspace (a file lock: two steps
+writing the same registry, banks and metrics at once would race).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from moecl.config import Params
+from moecl.data.task import TaskData
+from moecl.data.validate import list_task_folders, load_task, task_folder_hash
+from moecl.errors import MoeclError
+from moecl.io import write_json_atomic
+from moecl.metrics import ContinualMetrics
+from moecl.model.base import BaseSpec
+from moecl.registry import Registry, VersionRecord
+
+
+@dataclass
+class PendingVersion:
+    task_id: str
+    data_hash: str  # task_folder_hash: the dataset version's identity
+    folder: Path
+    landed_at: float  # newest modification time in the folder: the landing order
+
+
+@dataclass
+class EvolveOutcome:
+    task_id: str
+    data_hash: str
+    decision: str  # promote | reject | skipped
+    reasons: list[str] = field(default_factory=list)
+    version: str | None = None
+    bank_dir: str | None = None
+    champion_before: str | None = None
+    champion_after: str | None = None
+    metrics: dict | None = None
+    gate: dict | None = None
+    drift: dict | None = None
+    report_path: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Outputs:
+    """Where a run writes what people read: metrics JSON, DVC plot data and PNGs, Evidently reports."""
+
+    root: Path = Path(".")
+
+    @property
+    def cl_json(self) -> Path:
+        return self.root / "metrics" / "cl.json"
+
+    @property
+    def gate_json(self) -> Path:
+        return self.root / "metrics" / "gate.json"
+
+    @property
+    def drift_json(self) -> Path:
+        return self.root / "metrics" / "drift.json"
+
+    @property
+    def plots_dir(self) -> Path:
+        return self.root / "plots"
+
+    def report(self, params: Params, task_id: str) -> Path:
+        return self.root / params.drift.report_dir / f"drift-{task_id}.html"
+
+
+# --- discovery ------------------------------------------------------------------------------------------------
+def _landed_at(folder: Path) -> float:
+    return max((p.stat().st_mtime for p in folder.rglob("*") if p.is_file()), default=folder.stat().st_mtime)
+
+
+def pending_versions(params: Params, registry: Registry) -> list[PendingVersion]:
+    """Task folders whose current content was never processed, in landing order (oldest first)."""
+    pending = []
+    for folder in list_task_folders(params.data.root):
+        data_hash = task_folder_hash(folder)
+        if registry.processed(folder.name, data_hash) is None:
+            pending.append(PendingVersion(folder.name, data_hash, folder, _landed_at(folder)))
+    return sorted(pending, key=lambda p: (p.landed_at, p.task_id))
+
+
+def version_for(params: Params, task_id: str) -> PendingVersion:
+    folder = Path(params.data.root) / task_id
+    if not folder.is_dir():
+        raise MoeclError(f"no task folder {folder}")
+    return PendingVersion(task_id, task_folder_hash(folder), folder, _landed_at(folder))
+
+
+@contextmanager
+def evolution_lock(params: Params) -> Iterator[None]:
+    """One self-evolution step at a time per workspace (blocks until the previous one ends)."""
+    root = Path(params.registry.root)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".evolve.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- the stages -----------------------------------------------------------------------------------------------
+def validate_version(params: Params, pending: PendingVersion) -> TaskData:
+    """Validate the new version (raises DataValidationError naming file:line:field; writes nothing)."""
+    return load_task(pending.folder, params.data)
+
+
+def load_other_tasks(params: Params, task_ids: list[str], exclude: str) -> dict[str, TaskData]:
+    """Test data of the tasks the champion already knows (validated too)."""
+    root = Path(params.data.root)
+    return {t: load_task(root / t, params.data) for t in task_ids if t != exclude}
+
+
+def snapshot_dir(params: Params, task_id: str) -> Path:
+    """The last PROMOTED version of each task's data: the reference for data drift of its next version."""
+    return Path(params.registry.root) / "snapshots" / task_id
+
+
+def drift_for_version(params: Params, task: TaskData, outputs: Outputs):
+    """Evidently drift of a new version of a known task against its last promoted version; a new task gets a
+    descriptive report and is never gated on drift (it is supposed to differ from other tasks)."""
+    from moecl.drift import describe_new_task, detect_drift
+
+    reference = snapshot_dir(params, task.task_id)
+    report = outputs.report(params, task.task_id)
+    if (reference / "task.yaml").is_file():
+        previous = load_task(reference, params.data)
+        result = detect_drift(previous, task, report, params.drift)
+    else:
+        result = describe_new_task(task, report, params.drift)
+    write_json_atomic(outputs.drift_json, result.to_dict())
+    return result
+
+
+def challenger_dir(params: Params, pending: PendingVersion, champion: VersionRecord | None) -> Path:
+    parent = champion.version if champion else "none"
+    return Path(params.registry.banks_dir) / f"{pending.task_id}-{pending.data_hash[:10]}-from-{parent}"
+
+
+def train_challenger(params: Params, task: TaskData, pending: PendingVersion, *, base: BaseSpec,
+                     registry: Registry, eval_tasks: dict[str, TaskData], progress: bool = True) -> Path:
+    """The CL step from the champion's bank. A bank left complete by an interrupted run is reused (banks
+    appear atomically, so an existing one is whole)."""
+    from moecl.bank import read_manifest
+    from moecl.train.step import run_step
+
+    champion = registry.champion()
+    out = challenger_dir(params, pending, champion)
+    if out.is_dir():
+        manifest = read_manifest(out)
+        if manifest["lineage"].get("data_hash") == task.content_hash():
+            return out
+        raise MoeclError(f"{out} exists but was trained on other data; move it away")
+    parent = registry.bank_path(champion) if champion else None
+    run_step(params, task, base=base, out_bank=out, parent_bank=parent, eval_tasks=eval_tasks, progress=progress,
+             lineage={"data_version": pending.data_hash})
+    return out
+
+
+def evaluate_challenger(params: Params, bank: Path, base: BaseSpec, tasks: dict[str, TaskData],
+                        outputs: Outputs, progress: bool = True) -> ContinualMetrics:
+    from moecl.evaluate import evaluate_bank, metrics_of
+    from moecl.plots import write_plots
+
+    record = evaluate_bank(bank, base, tasks, params, progress=progress)
+    metrics = metrics_of(record)
+    cl = metrics.as_dict()
+    cl["stripping_rate"] = record.get("stripping_rate", {})
+    write_json_atomic(outputs.cl_json, cl)
+    write_plots(metrics, outputs.plots_dir)
+    return metrics
+
+
+def canary_predictions(params: Params, bank: Path, base: BaseSpec, tasks: dict[str, TaskData]):
+    """(task, label, confidence) on fixed canary inputs: the first canary_per_task of each task's test split
+    in a seeded stratified order, so champion and challenger see the same items."""
+    from moecl.bank import load_bank
+    from moecl.evaluate import task_predictions
+    from moecl.sampling import stratified_sample
+
+    loaded = load_bank(bank, base)
+    out = []
+    for task_id, task in sorted(tasks.items()):
+        canaries = stratified_sample(task.test, params.gate.canary_per_task, params.train.seed)
+        for p in task_predictions(loaded.model, loaded.tokenizer, task_id, canaries, params, with_scores=True):
+            out.append((task_id, p.label, float(p.confidence)))
+    return out
+
+
+def gate_challenger(params: Params, task: TaskData, metrics: ContinualMetrics, champion: VersionRecord | None,
+                    behaviour: tuple[list, list] | None, drift, outputs: Outputs):
+    from moecl.gates import check_behaviour, check_data_drift, check_forgetting, decide
+
+    champion_final = (champion.metrics or {}).get("per_task") if champion else None
+    checks = check_forgetting(metrics, champion_final, task.task_id, params.gate)
+    if behaviour is not None:
+        checks += check_behaviour(behaviour[0], behaviour[1], params.gate)
+    checks += check_data_drift(drift if getattr(drift, "has_reference", False) else None, params.gate)
+    decision = decide(checks)
+    write_json_atomic(outputs.gate_json, decision.to_dict())
+    return decision
+
+
+def save_snapshot(params: Params, task: TaskData) -> None:
+    """Copy the promoted version's folder as the drift reference (temp copy, then an atomic swap)."""
+    dest = snapshot_dir(params, task.task_id)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{task.task_id}.tmp-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(task.path, tmp)
+    old = dest.parent / f".{task.task_id}.old-{uuid.uuid4().hex[:8]}"
+    if dest.exists():
+        os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def record_decision(params: Params, registry: Registry, task: TaskData, pending: PendingVersion, bank: Path,
+                    metrics: ContinualMetrics, decision, champion: VersionRecord | None,
+                    flow_run_id: str | None) -> VersionRecord:
+    """Register the challenger with its lineage, then promote it or log the rejection."""
+    from moecl.bank import read_manifest
+
+    manifest = read_manifest(bank)
+    cl = metrics.as_dict()
+    record = registry.register(
+        bank, parent_version=champion.version if champion else None, task_id=task.task_id,
+        data_version=pending.data_hash, data_hashes={t["task_id"]: t.get("data_hash") for t in manifest["tasks"]},
+        params=params, code_revision=manifest["lineage"].get("code_revision"), metrics=cl,
+        gate=decision.to_dict(), flow_run_id=flow_run_id,
+    )
+    if decision.promoted:
+        registry.promote(record.version, reason="; ".join(decision.reasons))
+        save_snapshot(params, task)
+    else:
+        registry.record_rejection(record.version, decision.reasons)
+    return registry.get(record.version)
+
+
+# --- all of it --------------------------------------------------------------------------------------------------
+def process_version(params: Params, pending: PendingVersion, *, base: BaseSpec, registry: Registry,
+                    outputs: Outputs | None = None, flow_run_id: str | None = None,
+                    progress: bool = True) -> EvolveOutcome:
+    """Run the whole path for one dataset version. Invalid data raises before anything is written."""
+    outputs = outputs or Outputs()
+    done = registry.processed(pending.task_id, pending.data_hash)
+    champion = registry.champion()
+    before = champion.version if champion else None
+    if done is not None:
+        return EvolveOutcome(pending.task_id, pending.data_hash, "skipped", [f"already processed as {done.version}"],
+                             version=done.version, champion_before=before, champion_after=before)
+    task = validate_version(params, pending)
+    known = []
+    if champion is not None:
+        from moecl.bank import read_manifest
+
+        known = [t["task_id"] for t in read_manifest(registry.bank_path(champion))["tasks"]]
+    others = load_other_tasks(params, known, exclude=task.task_id)
+    drift = drift_for_version(params, task, outputs)
+    bank = train_challenger(params, task, pending, base=base, registry=registry, eval_tasks=others,
+                            progress=progress)
+    metrics = evaluate_challenger(params, bank, base, {**others, task.task_id: task}, outputs, progress)
+    behaviour = None
+    if champion is not None and others:
+        behaviour = (canary_predictions(params, registry.bank_path(champion), base, others),
+                     canary_predictions(params, bank, base, others))
+    decision = gate_challenger(params, task, metrics, champion, behaviour, drift, outputs)
+    record = record_decision(params, registry, task, pending, bank, metrics, decision, champion, flow_run_id)
+    after = registry.champion()
+    return EvolveOutcome(task.task_id, pending.data_hash, decision.decision, list(decision.reasons),
+                         version=record.version, bank_dir=str(bank), champion_before=before,
+                         champion_after=after.version if after else None, metrics=metrics.as_dict(),
+                         gate=decision.to_dict(), drift=drift.to_dict(), report_path=drift.report_path)
+
+
+def evolve_pending(params: Params, *, base: BaseSpec, registry: Registry, outputs: Outputs | None = None,
+                   flow_run_id: str | None = None, progress: bool = True) -> list[EvolveOutcome]:
+    """Process every pending dataset version, in landing order, one at a time."""
+    with evolution_lock(params):
+        return [process_version(params, p, base=base, registry=registry, outputs=outputs, flow_run_id=flow_run_id,
+                                progress=progress) for p in pending_versions(params, registry)]
