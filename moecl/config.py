@@ -79,6 +79,7 @@ class TrainConfig:
     evals_per_epoch: int = 3
     max_train_examples: int = 0
     threads: int = 0
+    task: str = ""
 
 
 @dataclass

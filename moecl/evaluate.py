@@ -29,15 +29,21 @@ def task_accuracy(model, tokenizer, task_id: str, records: list[Record], params:
     return accuracy([p.label for p in preds], [r.label for r in records])
 
 
-def evaluate_model(model, tokenizer, tasks: dict[str, TaskData], params: Params, *, progress: bool = True):
-    """Accuracy (and the stripping rate of binary tasks with a positive label) of every task in the model."""
+def evaluate_model(model, tokenizer, tasks: dict[str, TaskData], params: Params, *, progress: bool = True,
+                   only: list[str] | None = None):
+    """Accuracy (and the stripping rate of binary tasks with a positive label) of every task in the model.
+
+    `only` restricts the evaluation to those of the model's tasks (e.g. a benchmark that needs just the cells
+    its metrics read); None evaluates every task.
+    """
     from tqdm.auto import tqdm
 
-    missing = [t for t in model.task_ids if t not in tasks]
+    task_ids = [t for t in model.task_ids if only is None or t in only]
+    missing = [t for t in task_ids if t not in tasks]
     if missing:
         raise UnknownTaskError(f"no test data for task(s) {', '.join(missing)} known to the bank")
     row, stripping, sizes = {}, {}, {}
-    for task_id in tqdm(model.task_ids, desc="evaluate", disable=not progress, leave=False):
+    for task_id in tqdm(task_ids, desc="evaluate", disable=not progress, leave=False):
         task = tasks[task_id]
         records = stratified_sample(task.test, params.evaluate.max_test_examples, params.train.seed)
         binary = task.positive_label is not None and len(task.labels) == 2
@@ -52,11 +58,12 @@ def evaluate_model(model, tokenizer, tasks: dict[str, TaskData], params: Params,
 
 
 def evaluate_bank(bank_dir: str | Path, base: BaseSpec, tasks: dict[str, TaskData], params: Params, *,
-                  write: bool = True, progress: bool = True) -> dict:
+                  write: bool = True, progress: bool = True, only: list[str] | None = None) -> dict:
     """Evaluate a bank on every task it knows; append the row to its history; write evaluation.json once.
 
     Returns the evaluation record: {"metrics": cl.json shape, "rows", "steps", "stripping_rate", "test_sizes"}.
     An already evaluated bank returns its stored evaluation (a bank and its evaluation never change).
+    `only` evaluates just those tasks: the row holds only their cells (the metrics accept partial rows).
     """
     bank_dir = Path(bank_dir)
     existing = read_evaluation(bank_dir)
@@ -70,7 +77,8 @@ def evaluate_bank(bank_dir: str | Path, base: BaseSpec, tasks: dict[str, TaskDat
         rows, stripping, sizes = list(history["matrix"]), history.get("stripping_rate", {}), {}
     else:
         loaded = load_bank(bank_dir, base)
-        row, stripping, sizes = evaluate_model(loaded.model, loaded.tokenizer, tasks, params, progress=progress)
+        row, stripping, sizes = evaluate_model(loaded.model, loaded.tokenizer, tasks, params, progress=progress,
+                                           only=only)
         rows = list(history.get("matrix", [])) + [row]
     order = list(dict.fromkeys(steps))
     metrics = ContinualMetrics(order=order, matrix=rows, before_training=history.get("before_training", {}),

@@ -59,6 +59,7 @@ class Outputs:
     """Where a run writes what people read: metrics JSON, DVC plot data and PNGs, Evidently reports."""
 
     root: Path = Path(".")
+    report_name: str | None = None  # a fixed report file name (the DVC stage's declared output)
 
     @property
     def cl_json(self) -> Path:
@@ -77,7 +78,7 @@ class Outputs:
         return self.root / "plots"
 
     def report(self, params: Params, task_id: str) -> Path:
-        return self.root / params.drift.report_dir / f"drift-{task_id}.html"
+        return self.root / params.drift.report_dir / (self.report_name or f"drift-{task_id}.html")
 
 
 # --- discovery ------------------------------------------------------------------------------------------------
@@ -174,11 +175,11 @@ def train_challenger(params: Params, task: TaskData, pending: PendingVersion, *,
 
 
 def evaluate_challenger(params: Params, bank: Path, base: BaseSpec, tasks: dict[str, TaskData],
-                        outputs: Outputs, progress: bool = True) -> ContinualMetrics:
+                        outputs: Outputs, progress: bool = True, write_to_bank: bool = True) -> ContinualMetrics:
     from moecl.evaluate import evaluate_bank, metrics_of
     from moecl.plots import write_plots
 
-    record = evaluate_bank(bank, base, tasks, params, progress=progress)
+    record = evaluate_bank(bank, base, tasks, params, progress=progress, write=write_to_bank)
     metrics = metrics_of(record)
     cl = metrics.as_dict()
     cl["stripping_rate"] = record.get("stripping_rate", {})
@@ -252,6 +253,32 @@ def record_decision(params: Params, registry: Registry, task: TaskData, pending:
     return registry.get(record.version)
 
 
+# --- small pieces shared by process_version and the Prefect flow (flows/self_evolve.py) --------------------------
+def known_task_ids(registry: Registry, champion: VersionRecord | None) -> list[str]:
+    """The tasks the champion's bank knows, in learning order (none without a champion)."""
+    if champion is None:
+        return []
+    from moecl.bank import read_manifest
+
+    return [t["task_id"] for t in read_manifest(registry.bank_path(champion))["tasks"]]
+
+
+def skipped_outcome(pending: PendingVersion, done: VersionRecord, champion_before: str | None) -> EvolveOutcome:
+    """The outcome of a dataset version that was already decided (`Registry.processed` found `done`)."""
+    return EvolveOutcome(pending.task_id, pending.data_hash, "skipped", [f"already processed as {done.version}"],
+                         version=done.version, champion_before=champion_before, champion_after=champion_before)
+
+
+def decided_outcome(pending: PendingVersion, bank: Path, metrics: ContinualMetrics, decision, drift,
+                    record: VersionRecord, champion_before: str | None, registry: Registry) -> EvolveOutcome:
+    """The outcome of a dataset version once `record_decision` has promoted or rejected its challenger."""
+    after = registry.champion()
+    return EvolveOutcome(pending.task_id, pending.data_hash, decision.decision, list(decision.reasons),
+                         version=record.version, bank_dir=str(bank), champion_before=champion_before,
+                         champion_after=after.version if after else None, metrics=metrics.as_dict(),
+                         gate=decision.to_dict(), drift=drift.to_dict(), report_path=drift.report_path)
+
+
 # --- all of it --------------------------------------------------------------------------------------------------
 def process_version(params: Params, pending: PendingVersion, *, base: BaseSpec, registry: Registry,
                     outputs: Outputs | None = None, flow_run_id: str | None = None,
@@ -262,15 +289,9 @@ def process_version(params: Params, pending: PendingVersion, *, base: BaseSpec, 
     champion = registry.champion()
     before = champion.version if champion else None
     if done is not None:
-        return EvolveOutcome(pending.task_id, pending.data_hash, "skipped", [f"already processed as {done.version}"],
-                             version=done.version, champion_before=before, champion_after=before)
+        return skipped_outcome(pending, done, before)
     task = validate_version(params, pending)
-    known = []
-    if champion is not None:
-        from moecl.bank import read_manifest
-
-        known = [t["task_id"] for t in read_manifest(registry.bank_path(champion))["tasks"]]
-    others = load_other_tasks(params, known, exclude=task.task_id)
+    others = load_other_tasks(params, known_task_ids(registry, champion), exclude=task.task_id)
     drift = drift_for_version(params, task, outputs)
     bank = train_challenger(params, task, pending, base=base, registry=registry, eval_tasks=others,
                             progress=progress)
@@ -281,11 +302,7 @@ def process_version(params: Params, pending: PendingVersion, *, base: BaseSpec, 
                      canary_predictions(params, bank, base, others))
     decision = gate_challenger(params, task, metrics, champion, behaviour, drift, outputs)
     record = record_decision(params, registry, task, pending, bank, metrics, decision, champion, flow_run_id)
-    after = registry.champion()
-    return EvolveOutcome(task.task_id, pending.data_hash, decision.decision, list(decision.reasons),
-                         version=record.version, bank_dir=str(bank), champion_before=before,
-                         champion_after=after.version if after else None, metrics=metrics.as_dict(),
-                         gate=decision.to_dict(), drift=drift.to_dict(), report_path=drift.report_path)
+    return decided_outcome(pending, bank, metrics, decision, drift, record, before, registry)
 
 
 def evolve_pending(params: Params, *, base: BaseSpec, registry: Registry, outputs: Outputs | None = None,

@@ -72,11 +72,13 @@ def _test_records(task: TaskData, params: Params):
 
 def run_step(params: Params, task: TaskData, *, base: BaseSpec, out_bank: str | Path,
              parent_bank: str | Path | None = None, lineage: dict | None = None, progress: bool = True,
-             eval_tasks: dict[str, TaskData] | None = None) -> StepResult:
+             eval_tasks: dict[str, TaskData] | None = None, zero_shot: float | None = None) -> StepResult:
     """Train `task` from `parent_bank` into the new bank `out_bank`.
 
     With `eval_tasks` (test data of the bank's other tasks) the step also evaluates every task after training
     and stores that row of the accuracy matrix in the bank, so each bank carries its full history.
+    `zero_shot`: b_i already measured by the caller on the same test records (in instruction mode the
+    untrained model is the same for every method, so a benchmark scores it once); None scores it here.
     """
     from moecl.evaluate import evaluate_model, task_accuracy
 
@@ -115,7 +117,8 @@ def run_step(params: Params, task: TaskData, *, base: BaseSpec, out_bank: str | 
     if new_task and params.evaluate.fwt:
         test = _test_records(task, params)
         result_before = task_accuracy(model, tokenizer, task.task_id, test, params)
-        result_zero = task_accuracy(model, tokenizer, task.task_id, test, params, disabled=True)
+        result_zero = zero_shot if zero_shot is not None else task_accuracy(
+            model, tokenizer, task.task_id, test, params, disabled=True)
         history["before_training"] = {**history["before_training"], task.task_id: result_before}
         history["zero_shot"] = {**history["zero_shot"], task.task_id: result_zero}
 

@@ -1,0 +1,79 @@
+"""`dvc repro` end to end on a tiny local model: metrics, plots, gate; a second repro is a no-op."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli_core import write_task_folder
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(cmd, cwd, env, check=True):
+    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return out
+
+
+@pytest.fixture
+def dvc_project(tmp_path, tiny_tok, two_tasks):
+    import yaml
+
+    from moecl.testing import tiny_llama
+
+    project = tmp_path / "project"
+    project.mkdir()
+    model_dir = tmp_path / "tiny-model"
+    tiny_llama(len(tiny_tok)).save_pretrained(model_dir)
+    tiny_tok.save_pretrained(model_dir)
+    shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["model"]["name_or_path"] = str(model_dir)
+    params["train"].update({"epochs": 2, "lr": 0.005, "max_length": 64, "evals_per_epoch": 1})
+    params["gate"].update({"max_task_drop": 1.0, "min_bwt": -1.0, "min_canary_agreement": 0.0,
+                           "max_confidence_ks": 1.0})
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@example.com"}
+    run(["git", "init", "-q"], project, env)
+    run(["dvc", "init", "-q"], project, env)
+    shutil.copytree(REPO / ".dvc" / "plots", project / ".dvc" / "plots")
+    write_task_folder(project / "data" / "tasks", two_tasks[0])
+    run(["dvc", "add", "-q", "data"], project, env)
+    return project, env
+
+
+def test_repro_end_to_end_then_noop_then_next_task(dvc_project, two_tasks):
+    project, env = dvc_project
+    run(["dvc", "repro"], project, env)
+    cl = json.loads((project / "metrics/cl.json").read_text())
+    gate = json.loads((project / "metrics/gate.json").read_text())
+    assert cl["order"] == ["topics"] and len(cl["matrix"]) == 1
+    assert gate["decision"] == "promote" and gate["checks"]
+    for name in ("accuracy_matrix", "task_accuracy", "forgetting"):
+        assert (project / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (project / "reports/drift.html").is_file()
+
+    again = run(["dvc", "repro"], project, env)
+    assert "Running stage 'train'" not in again.stdout, again.stdout
+    assert "Running stage 'evaluate'" not in again.stdout
+    status = run(["dvc", "status", "--json"], project, env)
+    # only the registry read-back stage is always re-run; everything downstream is up to date
+    assert json.loads(status.stdout or "{}") == {"champion": ["always changed"]}
+
+    run([sys.executable, "-m", "moecl.stages", "promote"], project, env)
+    write_task_folder(project / "data" / "tasks", two_tasks[1])
+    run(["dvc", "add", "-q", "data"], project, env)
+    run(["dvc", "repro"], project, env)
+    cl = json.loads((project / "metrics/cl.json").read_text())
+    assert cl["order"] == ["topics", "sentiment"] and len(cl["matrix"]) == 2
+    shown = run(["dvc", "metrics", "show", "--json"], project, env)
+    assert "acc" in shown.stdout
