@@ -102,7 +102,9 @@ def _assign(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tens
     with torch.no_grad():
         for name, p in params.items():
             if tuple(tensors[name].shape) != tuple(p.shape):
-                raise BankError(f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
+                raise BankError(
+                    f"{where}: {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}"
+                )
             p.copy_(tensors[name].to(p.dtype))
 
 
@@ -125,13 +127,18 @@ def load_bank(bank_dir: str | Path, base: BaseSpec) -> LoadedBank:
     model, tokenizer = new_model(base, lora, method)
     memory: dict[str, list[list[int]]] = {}
     for entry in manifest["tasks"]:
-        model.add_task(TaskInfo(entry["task_id"], entry["labels"], entry.get("instruction", ""),
-                                entry.get("positive_label")))
+        model.add_task(
+            TaskInfo(
+                entry["task_id"], entry["labels"], entry.get("instruction", ""), entry.get("positive_label")
+            )
+        )
         path = bank_dir / entry["file"]
         tensors = _load_tensors(path)
         _assign(model.task_parameters(entry["task_id"]), tensors, path)
         if "memory.input_ids" in tensors:
-            memory[entry["task_id"]] = [[i for i in row if i >= 0] for row in tensors["memory.input_ids"].tolist()]
+            memory[entry["task_id"]] = [
+                [i for i in row if i >= 0] for row in tensors["memory.input_ids"].tolist()
+            ]
     shared = model.shared_parameters()
     if shared:
         path = bank_dir / SHARED_FILE
@@ -145,8 +152,11 @@ def load_bank(bank_dir: str | Path, base: BaseSpec) -> LoadedBank:
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}, str(path),
-              metadata={"format": "pt"})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())},
+        str(path),
+        metadata={"format": "pt"},
+    )
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -156,9 +166,19 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def save_bank(loaded_model: MoECLModel, out_dir: str | Path, *, base: BaseSpec, trained_task: str,
-              parent_dir: str | Path | None, steps: list[str], history: dict, lineage: dict,
-              memory: dict[str, list[list[int]]] | None = None, train_summary: dict | None = None) -> Path:
+def save_bank(
+    loaded_model: MoECLModel,
+    out_dir: str | Path,
+    *,
+    base: BaseSpec,
+    trained_task: str,
+    parent_dir: str | Path | None,
+    steps: list[str],
+    history: dict,
+    lineage: dict,
+    memory: dict[str, list[list[int]]] | None = None,
+    train_summary: dict | None = None,
+) -> Path:
     """Write a new bank directory atomically. Tasks other than `trained_task` reuse the parent's files."""
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -184,9 +204,15 @@ def save_bank(loaded_model: MoECLModel, out_dir: str | Path, *, base: BaseSpec, 
                 if not tensors:  # e.g. seq_lora in instruction mode: nothing task-specific to store
                     tensors = {"empty": torch.zeros(0)}
                 _save_tensors(tensors, tmp / name)
-            entry = {"task_id": info.task_id, "labels": info.labels, "instruction": info.instruction,
-                     "positive_label": info.positive_label, "mode": loaded_model.mode, "file": name,
-                     "sha256": file_sha256(tmp / name)}
+            entry = {
+                "task_id": info.task_id,
+                "labels": info.labels,
+                "instruction": info.instruction,
+                "positive_label": info.positive_label,
+                "mode": loaded_model.mode,
+                "file": name,
+                "sha256": file_sha256(tmp / name),
+            }
             if reuse:
                 entry["data_hash"] = parent_files[info.task_id].get("data_hash")
             else:
@@ -207,8 +233,12 @@ def save_bank(loaded_model: MoECLModel, out_dir: str | Path, *, base: BaseSpec, 
             "shared": shared_entry,
             "steps": list(steps),
             "history": history,
-            "lineage": {"parent": str(parent_dir) if parent_dir else None, "trained_task": trained_task,
-                        "code_revision": code_revision(), **lineage},
+            "lineage": {
+                "parent": str(parent_dir) if parent_dir else None,
+                "trained_task": trained_task,
+                "code_revision": code_revision(),
+                **lineage,
+            },
             "train": train_summary or {},
         }
         with open(tmp / MANIFEST, "w", encoding="utf-8") as f:

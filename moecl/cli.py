@@ -16,7 +16,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument(
-        "-S", "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override a params value (repeatable), e.g. -S train.epochs=1",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -15,6 +15,7 @@ from moecl.errors import MoeclError
 
 METHODS = ("moecl", "moecl_nogan", "seq_lora", "per_task_lora", "o_lora")
 MODES = ("classifier", "instruction")
+MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
 
 class ParamsError(MoeclError, ValueError):
@@ -80,6 +81,8 @@ class TrainConfig:
     max_train_examples: int = 0
     threads: int = 0
     task: str = ""
+    processes: int = 1
+    mixed_precision: str = "no"
 
 
 @dataclass
@@ -156,14 +159,25 @@ class Params:
 
     def validate(self, source: str = "params") -> Params:
         if self.method.name not in METHODS:
-            raise ParamsError(f"{source}: method.name={self.method.name!r} is not one of {', '.join(METHODS)}")
+            raise ParamsError(
+                f"{source}: method.name={self.method.name!r} is not one of {', '.join(METHODS)}"
+            )
         if self.method.mode not in MODES:
             raise ParamsError(f"{source}: method.mode={self.method.mode!r} is not one of {', '.join(MODES)}")
         bad = [t for t in self.lora.targets if t not in ("gate_proj", "up_proj", "down_proj")]
         if bad or not self.lora.targets:
-            raise ParamsError(f"{source}: lora.targets must be a non-empty subset of gate_proj, up_proj, down_proj")
+            raise ParamsError(
+                f"{source}: lora.targets must be a non-empty subset of gate_proj, up_proj, down_proj"
+            )
         if self.lora.r <= 0:
             raise ParamsError(f"{source}: lora.r must be positive")
+        if self.train.processes < 1:
+            raise ParamsError(f"{source}: train.processes must be at least 1")
+        if self.train.mixed_precision not in MIXED_PRECISIONS:
+            raise ParamsError(
+                f"{source}: train.mixed_precision={self.train.mixed_precision!r} is not one of "
+                f"{', '.join(MIXED_PRECISIONS)}"
+            )
         if not 0.0 <= self.train.dev_fraction < 1.0:
             raise ParamsError(f"{source}: train.dev_fraction must be in [0, 1)")
         if self.evaluate.instruction_eval not in ("generate", "likelihood"):

@@ -24,8 +24,15 @@ WORKSPACE = REPO / "demo"
 DEMO_PARAMS = {
     "model": {"local_dir": str(REPO / "models" / "base")},
     "method": {"name": "moecl", "mode": "classifier", "adv_alpha": 0.1},
-    "train": {"lr": 0.001, "epochs": 2, "batch_size": 8, "max_length": 128, "max_train_examples": 80,
-              "evals_per_epoch": 1, "threads": 2},
+    "train": {
+        "lr": 0.001,
+        "epochs": 2,
+        "batch_size": 8,
+        "max_length": 128,
+        "max_train_examples": 80,
+        "evals_per_epoch": 1,
+        "threads": 2,
+    },
     "evaluate": {"max_test_examples": 60, "batch_size": 16},
     "gate": {"canary_per_task": 16},
 }
@@ -35,7 +42,9 @@ def say(text: str) -> None:
     print(f"\n\033[1m==> {text}\033[0m", flush=True)
 
 
-def sh(cmd: list[str], cwd: Path = WORKSPACE, check: bool = True, quiet: bool = False) -> subprocess.CompletedProcess:
+def sh(
+    cmd: list[str], cwd: Path = WORKSPACE, check: bool = True, quiet: bool = False
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
     out = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=quiet)
     if check and out.returncode != 0:
@@ -57,7 +66,8 @@ def setup_workspace() -> None:
         params.setdefault(section, {}).update(values)
     (WORKSPACE / "params.yaml").write_text(
         "# The demo's params: the repository's params.yaml with demo-sized overrides (moecl/demo.py).\n"
-        + yaml.safe_dump(params, sort_keys=False))
+        + yaml.safe_dump(params, sort_keys=False)
+    )
     shutil.copy(REPO / "dvc.yaml", WORKSPACE / "dvc.yaml")
     if not (WORKSPACE / ".git").exists():
         sh(["git", "init", "-q"])
@@ -93,8 +103,14 @@ def drifted_spam(landing):
         train_texts = {r.text.lower() for r in train}
         return labels, train, [r for r in cut(test) if r.text.lower() not in train_texts]
 
-    return Landing(landing.task_id, "v2-subjects-only", "spam v2: an export that kept only subject lines",
-                   build, landing.instruction, landing.positive_label)
+    return Landing(
+        landing.task_id,
+        "v2-subjects-only",
+        "spam v2: an export that kept only subject lines",
+        build,
+        landing.instruction,
+        landing.positive_label,
+    )
 
 
 def landings():
@@ -125,12 +141,19 @@ def final_table() -> list[dict]:
         metrics, gate = record.metrics or {}, record.gate or {}
         reasons = gate.get("reasons") or []
         failing = [r for r in reasons if not r.startswith("all ")]
-        rows.append({
-            "version": record.version, "task": record.task_id, "data": (record.data_version or "")[:10],
-            "decision": record.status + (" (champion)" if champion and champion.version == record.version else ""),
-            "reason": (failing or reasons or [""])[0][:90], "acc": metrics.get("acc"), "bwt": metrics.get("bwt"),
-            "per_task": metrics.get("per_task", {}),
-        })
+        rows.append(
+            {
+                "version": record.version,
+                "task": record.task_id,
+                "data": (record.data_version or "")[:10],
+                "decision": record.status
+                + (" (champion)" if champion and champion.version == record.version else ""),
+                "reason": (failing or reasons or [""])[0][:90],
+                "acc": metrics.get("acc"),
+                "bwt": metrics.get("bwt"),
+                "per_task": metrics.get("per_task", {}),
+            }
+        )
     return rows
 
 
@@ -139,7 +162,9 @@ def print_table(rows: list[dict]) -> None:
     print(f"{'version':8} {'task':10} {'decision':20} {'ACC':>6} {'BWT':>7}  per-task accuracy / reason")
     for r in rows:
         per_task = ", ".join(f"{t} {v:.2f}" for t, v in r["per_task"].items() if v is not None)
-        print(f"{r['version']:8} {r['task']:10} {r['decision']:20} {fmt(r['acc']):>6} {fmt(r['bwt']):>7}  {per_task}")
+        print(
+            f"{r['version']:8} {r['task']:10} {r['decision']:20} {fmt(r['acc']):>6} {fmt(r['bwt']):>7}  {per_task}"
+        )
         print(f"{'':40}   {r['reason']}")
 
 
@@ -167,11 +192,23 @@ def main() -> int:
     say("results: every dataset version, its decision and why")
     print_table(final_table())
     say("the champion answers (moecl predict)")
-    moecl("predict", "--task", "bbc-news", "Shares in the bank rose after profits beat forecasts",
-          "The striker scored twice as the club won the cup final")
-    moecl("predict", "--task", "spam", "Congratulations! You have won a FREE prize, click here to claim cash now")
+    moecl(
+        "predict",
+        "--task",
+        "bbc-news",
+        "Shares in the bank rose after profits beat forecasts",
+        "The striker scored twice as the club won the cup final",
+    )
+    moecl(
+        "predict",
+        "--task",
+        "spam",
+        "Congratulations! You have won a FREE prize, click here to claim cash now",
+    )
     say("where to look")
-    print(f"  plots (PNG):          {WORKSPACE / 'plots'}/accuracy_matrix.png, task_accuracy.png, forgetting.png")
+    print(
+        f"  plots (PNG):          {WORKSPACE / 'plots'}/accuracy_matrix.png, task_accuracy.png, forgetting.png"
+    )
     print(f"  Evidently reports:    {WORKSPACE / 'reports'}/drift-*.html")
     print(f"  metrics and gate:     {WORKSPACE / 'metrics'}/cl.json, gate.json")
     print("  run history:          cd demo && ../.venv/bin/moecl history")

@@ -16,21 +16,46 @@ from moecl.model.inference import predict
 from moecl.sampling import stratified_sample
 
 
-def task_predictions(model, tokenizer, task_id: str, records: list[Record], params: Params, *,
-                     disabled: bool = False, with_scores: bool = False):
-    return predict(model, tokenizer, task_id, [r.text for r in records], max_length=params.train.max_length,
-                   batch_size=params.evaluate.batch_size, instruction_eval=params.evaluate.instruction_eval,
-                   max_new_tokens=params.evaluate.max_new_tokens, disabled=disabled, with_scores=with_scores)
+def task_predictions(
+    model,
+    tokenizer,
+    task_id: str,
+    records: list[Record],
+    params: Params,
+    *,
+    disabled: bool = False,
+    with_scores: bool = False,
+):
+    return predict(
+        model,
+        tokenizer,
+        task_id,
+        [r.text for r in records],
+        max_length=params.train.max_length,
+        batch_size=params.evaluate.batch_size,
+        instruction_eval=params.evaluate.instruction_eval,
+        max_new_tokens=params.evaluate.max_new_tokens,
+        disabled=disabled,
+        with_scores=with_scores,
+    )
 
 
-def task_accuracy(model, tokenizer, task_id: str, records: list[Record], params: Params, *,
-                  disabled: bool = False) -> float:
+def task_accuracy(
+    model, tokenizer, task_id: str, records: list[Record], params: Params, *, disabled: bool = False
+) -> float:
     preds = task_predictions(model, tokenizer, task_id, records, params, disabled=disabled)
     return accuracy([p.label for p in preds], [r.label for r in records])
 
 
-def evaluate_model(model, tokenizer, tasks: dict[str, TaskData], params: Params, *, progress: bool = True,
-                   only: list[str] | None = None):
+def evaluate_model(
+    model,
+    tokenizer,
+    tasks: dict[str, TaskData],
+    params: Params,
+    *,
+    progress: bool = True,
+    only: list[str] | None = None,
+):
     """Accuracy (and the stripping rate of binary tasks with a positive label) of every task in the model.
 
     `only` restricts the evaluation to those of the model's tasks (e.g. a benchmark that needs just the cells
@@ -51,14 +76,24 @@ def evaluate_model(model, tokenizer, tasks: dict[str, TaskData], params: Params,
         row[task_id] = accuracy([p.label for p in preds], [r.label for r in records])
         sizes[task_id] = len(records)
         if binary and preds and preds[0].scores:
-            stripping[task_id] = stripping_rate([p.scores.get(task.positive_label, 0.0) for p in preds],
-                                                [r.label == task.positive_label for r in records],
-                                                params.evaluate.stripping_precision)
+            stripping[task_id] = stripping_rate(
+                [p.scores.get(task.positive_label, 0.0) for p in preds],
+                [r.label == task.positive_label for r in records],
+                params.evaluate.stripping_precision,
+            )
     return row, stripping, sizes
 
 
-def evaluate_bank(bank_dir: str | Path, base: BaseSpec, tasks: dict[str, TaskData], params: Params, *,
-                  write: bool = True, progress: bool = True, only: list[str] | None = None) -> dict:
+def evaluate_bank(
+    bank_dir: str | Path,
+    base: BaseSpec,
+    tasks: dict[str, TaskData],
+    params: Params,
+    *,
+    write: bool = True,
+    progress: bool = True,
+    only: list[str] | None = None,
+) -> dict:
     """Evaluate a bank on every task it knows; append the row to its history; write evaluation.json once.
 
     Returns the evaluation record: {"metrics": cl.json shape, "rows", "steps", "stripping_rate", "test_sizes"}.
@@ -77,14 +112,25 @@ def evaluate_bank(bank_dir: str | Path, base: BaseSpec, tasks: dict[str, TaskDat
         rows, stripping, sizes = list(history["matrix"]), history.get("stripping_rate", {}), {}
     else:
         loaded = load_bank(bank_dir, base)
-        row, stripping, sizes = evaluate_model(loaded.model, loaded.tokenizer, tasks, params, progress=progress,
-                                           only=only)
+        row, stripping, sizes = evaluate_model(
+            loaded.model, loaded.tokenizer, tasks, params, progress=progress, only=only
+        )
         rows = list(history.get("matrix", [])) + [row]
     order = list(dict.fromkeys(steps))
-    metrics = ContinualMetrics(order=order, matrix=rows, before_training=history.get("before_training", {}),
-                               zero_shot=history.get("zero_shot", {}), steps=steps)
-    record = {"metrics": metrics.as_dict(), "rows": rows, "steps": steps, "stripping_rate": stripping,
-              "test_sizes": sizes}
+    metrics = ContinualMetrics(
+        order=order,
+        matrix=rows,
+        before_training=history.get("before_training", {}),
+        zero_shot=history.get("zero_shot", {}),
+        steps=steps,
+    )
+    record = {
+        "metrics": metrics.as_dict(),
+        "rows": rows,
+        "steps": steps,
+        "stripping_rate": stripping,
+        "test_sizes": sizes,
+    }
     if write:
         tmp = bank_dir / f".{EVALUATION}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
@@ -94,5 +140,10 @@ def evaluate_bank(bank_dir: str | Path, base: BaseSpec, tasks: dict[str, TaskDat
 
 def metrics_of(record: dict) -> ContinualMetrics:
     m = record["metrics"]
-    return ContinualMetrics(order=m["order"], matrix=record["rows"], before_training=m["before_training"],
-                            zero_shot=m["zero_shot"], steps=record["steps"])
+    return ContinualMetrics(
+        order=m["order"],
+        matrix=record["rows"],
+        before_training=m["before_training"],
+        zero_shot=m["zero_shot"],
+        steps=record["steps"],
+    )

@@ -154,12 +154,20 @@ def challenger_dir(params: Params, pending: PendingVersion, champion: VersionRec
     return Path(params.registry.banks_dir) / f"{pending.task_id}-{pending.data_hash[:10]}-from-{parent}"
 
 
-def train_challenger(params: Params, task: TaskData, pending: PendingVersion, *, base: BaseSpec,
-                     registry: Registry, eval_tasks: dict[str, TaskData], progress: bool = True) -> Path:
+def train_challenger(
+    params: Params,
+    task: TaskData,
+    pending: PendingVersion,
+    *,
+    base: BaseSpec,
+    registry: Registry,
+    eval_tasks: dict[str, TaskData],
+    progress: bool = True,
+) -> Path:
     """The CL step from the champion's bank. A bank left complete by an interrupted run is reused (banks
     appear atomically, so an existing one is whole)."""
     from moecl.bank import read_manifest
-    from moecl.train.step import run_step
+    from moecl.train.launch import launch_step
 
     champion = registry.champion()
     out = challenger_dir(params, pending, champion)
@@ -169,13 +177,29 @@ def train_challenger(params: Params, task: TaskData, pending: PendingVersion, *,
             return out
         raise MoeclError(f"{out} exists but was trained on other data; move it away")
     parent = registry.bank_path(champion) if champion else None
-    run_step(params, task, base=base, out_bank=out, parent_bank=parent, eval_tasks=eval_tasks, progress=progress,
-             lineage={"data_version": pending.data_hash})
+    launch_step(
+        params,
+        task.task_id,
+        parent,
+        out,
+        task=task,
+        base=base,
+        eval_tasks=eval_tasks,
+        progress=progress,
+        lineage={"data_version": pending.data_hash},
+    )
     return out
 
 
-def evaluate_challenger(params: Params, bank: Path, base: BaseSpec, tasks: dict[str, TaskData],
-                        outputs: Outputs, progress: bool = True, write_to_bank: bool = True) -> ContinualMetrics:
+def evaluate_challenger(
+    params: Params,
+    bank: Path,
+    base: BaseSpec,
+    tasks: dict[str, TaskData],
+    outputs: Outputs,
+    progress: bool = True,
+    write_to_bank: bool = True,
+) -> ContinualMetrics:
     from moecl.evaluate import evaluate_bank, metrics_of
     from moecl.plots import write_plots
 
@@ -199,13 +223,22 @@ def canary_predictions(params: Params, bank: Path, base: BaseSpec, tasks: dict[s
     out = []
     for task_id, task in sorted(tasks.items()):
         canaries = stratified_sample(task.test, params.gate.canary_per_task, params.train.seed)
-        for p in task_predictions(loaded.model, loaded.tokenizer, task_id, canaries, params, with_scores=True):
+        for p in task_predictions(
+            loaded.model, loaded.tokenizer, task_id, canaries, params, with_scores=True
+        ):
             out.append((task_id, p.label, float(p.confidence)))
     return out
 
 
-def gate_challenger(params: Params, task: TaskData, metrics: ContinualMetrics, champion: VersionRecord | None,
-                    behaviour: tuple[list, list] | None, drift, outputs: Outputs):
+def gate_challenger(
+    params: Params,
+    task: TaskData,
+    metrics: ContinualMetrics,
+    champion: VersionRecord | None,
+    behaviour: tuple[list, list] | None,
+    drift,
+    outputs: Outputs,
+):
     from moecl.gates import check_behaviour, check_data_drift, check_forgetting, decide
 
     champion_final = (champion.metrics or {}).get("per_task") if champion else None
@@ -231,19 +264,33 @@ def save_snapshot(params: Params, task: TaskData) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def record_decision(params: Params, registry: Registry, task: TaskData, pending: PendingVersion, bank: Path,
-                    metrics: ContinualMetrics, decision, champion: VersionRecord | None,
-                    flow_run_id: str | None) -> VersionRecord:
+def record_decision(
+    params: Params,
+    registry: Registry,
+    task: TaskData,
+    pending: PendingVersion,
+    bank: Path,
+    metrics: ContinualMetrics,
+    decision,
+    champion: VersionRecord | None,
+    flow_run_id: str | None,
+) -> VersionRecord:
     """Register the challenger with its lineage, then promote it or log the rejection."""
     from moecl.bank import read_manifest
 
     manifest = read_manifest(bank)
     cl = metrics.as_dict()
     record = registry.register(
-        bank, parent_version=champion.version if champion else None, task_id=task.task_id,
-        data_version=pending.data_hash, data_hashes={t["task_id"]: t.get("data_hash") for t in manifest["tasks"]},
-        params=params, code_revision=manifest["lineage"].get("code_revision"), metrics=cl,
-        gate=decision.to_dict(), flow_run_id=flow_run_id,
+        bank,
+        parent_version=champion.version if champion else None,
+        task_id=task.task_id,
+        data_version=pending.data_hash,
+        data_hashes={t["task_id"]: t.get("data_hash") for t in manifest["tasks"]},
+        params=params,
+        code_revision=manifest["lineage"].get("code_revision"),
+        metrics=cl,
+        gate=decision.to_dict(),
+        flow_run_id=flow_run_id,
     )
     if decision.promoted:
         registry.promote(record.version, reason="; ".join(decision.reasons))
@@ -263,26 +310,60 @@ def known_task_ids(registry: Registry, champion: VersionRecord | None) -> list[s
     return [t["task_id"] for t in read_manifest(registry.bank_path(champion))["tasks"]]
 
 
-def skipped_outcome(pending: PendingVersion, done: VersionRecord, champion_before: str | None) -> EvolveOutcome:
+def skipped_outcome(
+    pending: PendingVersion, done: VersionRecord, champion_before: str | None
+) -> EvolveOutcome:
     """The outcome of a dataset version that was already decided (`Registry.processed` found `done`)."""
-    return EvolveOutcome(pending.task_id, pending.data_hash, "skipped", [f"already processed as {done.version}"],
-                         version=done.version, champion_before=champion_before, champion_after=champion_before)
+    return EvolveOutcome(
+        pending.task_id,
+        pending.data_hash,
+        "skipped",
+        [f"already processed as {done.version}"],
+        version=done.version,
+        champion_before=champion_before,
+        champion_after=champion_before,
+    )
 
 
-def decided_outcome(pending: PendingVersion, bank: Path, metrics: ContinualMetrics, decision, drift,
-                    record: VersionRecord, champion_before: str | None, registry: Registry) -> EvolveOutcome:
+def decided_outcome(
+    pending: PendingVersion,
+    bank: Path,
+    metrics: ContinualMetrics,
+    decision,
+    drift,
+    record: VersionRecord,
+    champion_before: str | None,
+    registry: Registry,
+) -> EvolveOutcome:
     """The outcome of a dataset version once `record_decision` has promoted or rejected its challenger."""
     after = registry.champion()
-    return EvolveOutcome(pending.task_id, pending.data_hash, decision.decision, list(decision.reasons),
-                         version=record.version, bank_dir=str(bank), champion_before=champion_before,
-                         champion_after=after.version if after else None, metrics=metrics.as_dict(),
-                         gate=decision.to_dict(), drift=drift.to_dict(), report_path=drift.report_path)
+    return EvolveOutcome(
+        pending.task_id,
+        pending.data_hash,
+        decision.decision,
+        list(decision.reasons),
+        version=record.version,
+        bank_dir=str(bank),
+        champion_before=champion_before,
+        champion_after=after.version if after else None,
+        metrics=metrics.as_dict(),
+        gate=decision.to_dict(),
+        drift=drift.to_dict(),
+        report_path=drift.report_path,
+    )
 
 
 # --- all of it --------------------------------------------------------------------------------------------------
-def process_version(params: Params, pending: PendingVersion, *, base: BaseSpec, registry: Registry,
-                    outputs: Outputs | None = None, flow_run_id: str | None = None,
-                    progress: bool = True) -> EvolveOutcome:
+def process_version(
+    params: Params,
+    pending: PendingVersion,
+    *,
+    base: BaseSpec,
+    registry: Registry,
+    outputs: Outputs | None = None,
+    flow_run_id: str | None = None,
+    progress: bool = True,
+) -> EvolveOutcome:
     """Run the whole path for one dataset version. Invalid data raises before anything is written."""
     outputs = outputs or Outputs()
     done = registry.processed(pending.task_id, pending.data_hash)
@@ -293,21 +374,41 @@ def process_version(params: Params, pending: PendingVersion, *, base: BaseSpec, 
     task = validate_version(params, pending)
     others = load_other_tasks(params, known_task_ids(registry, champion), exclude=task.task_id)
     drift = drift_for_version(params, task, outputs)
-    bank = train_challenger(params, task, pending, base=base, registry=registry, eval_tasks=others,
-                            progress=progress)
+    bank = train_challenger(
+        params, task, pending, base=base, registry=registry, eval_tasks=others, progress=progress
+    )
     metrics = evaluate_challenger(params, bank, base, {**others, task.task_id: task}, outputs, progress)
     behaviour = None
     if champion is not None and others:
-        behaviour = (canary_predictions(params, registry.bank_path(champion), base, others),
-                     canary_predictions(params, bank, base, others))
+        behaviour = (
+            canary_predictions(params, registry.bank_path(champion), base, others),
+            canary_predictions(params, bank, base, others),
+        )
     decision = gate_challenger(params, task, metrics, champion, behaviour, drift, outputs)
     record = record_decision(params, registry, task, pending, bank, metrics, decision, champion, flow_run_id)
     return decided_outcome(pending, bank, metrics, decision, drift, record, before, registry)
 
 
-def evolve_pending(params: Params, *, base: BaseSpec, registry: Registry, outputs: Outputs | None = None,
-                   flow_run_id: str | None = None, progress: bool = True) -> list[EvolveOutcome]:
+def evolve_pending(
+    params: Params,
+    *,
+    base: BaseSpec,
+    registry: Registry,
+    outputs: Outputs | None = None,
+    flow_run_id: str | None = None,
+    progress: bool = True,
+) -> list[EvolveOutcome]:
     """Process every pending dataset version, in landing order, one at a time."""
     with evolution_lock(params):
-        return [process_version(params, p, base=base, registry=registry, outputs=outputs, flow_run_id=flow_run_id,
-                                progress=progress) for p in pending_versions(params, registry)]
+        return [
+            process_version(
+                params,
+                p,
+                base=base,
+                registry=registry,
+                outputs=outputs,
+                flow_run_id=flow_run_id,
+                progress=progress,
+            )
+            for p in pending_versions(params, registry)
+        ]

@@ -132,7 +132,9 @@ def forgetting_per_task(matrix: Sequence[Mapping[str, float]], steps: Sequence[s
     return {t: last[t] - matrix[i][t] for t, i in learned.items() if t in last and t in matrix[i]}
 
 
-def stripping_rate(scores: Sequence[float], is_positive: Sequence[bool], precision_target: float = 0.9) -> float:
+def stripping_rate(
+    scores: Sequence[float], is_positive: Sequence[bool], precision_target: float = 0.9
+) -> float:
     """The paper's industrial metric for a binary compliance task.
 
     Items are decided automatically from the most confident down (score = the model's probability of the

@@ -49,15 +49,21 @@ def selected_version(params: Params):
         return version_for(params, params.train.task)
     pending = pending_versions(params, _registry(params))
     if not pending:
-        raise MoeclError(f"no unprocessed dataset version under {params.data.root}: nothing to train "
-                         "(land a new version, or set train.task to retrain one)")
+        raise MoeclError(
+            f"no unprocessed dataset version under {params.data.root}: nothing to train "
+            "(land a new version, or set train.task to retrain one)"
+        )
     return pending[0]
 
 
 def champion(params: Params) -> None:
     registry = _registry(params)
     record = registry.champion()
-    state = {"version": record.version, "bank_dir": str(registry.bank_path(record))} if record else {"version": None}
+    state = (
+        {"version": record.version, "bank_dir": str(registry.bank_path(record))}
+        if record
+        else {"version": None}
+    )
     write_json_atomic(CHAMPION_JSON, state)
 
 
@@ -72,8 +78,12 @@ def validate(params: Params) -> None:
     if bad:
         for issues in bad.values():
             for issue in issues:
-                print(f"{issue['file']}:{issue['line']}: {issue['field']}: {issue['message']}", file=sys.stderr)
-        raise MoeclError(f"{sum(len(v) for v in bad.values())} validation issue(s) in {', '.join(sorted(bad))}")
+                print(
+                    f"{issue['file']}:{issue['line']}: {issue['field']}: {issue['message']}", file=sys.stderr
+                )
+        raise MoeclError(
+            f"{sum(len(v) for v in bad.values())} validation issue(s) in {', '.join(sorted(bad))}"
+        )
     write_json_atomic("metrics/validation.json", {"valid": True, "tasks": sorted(report)})
 
 
@@ -92,7 +102,7 @@ def train(params: Params) -> None:
     from moecl.bank import read_manifest
     from moecl.evolve import load_other_tasks, validate_version
     from moecl.model.base import base_from_params
-    from moecl.train.step import run_step
+    from moecl.train.launch import launch_step
 
     pending = selected_version(params)
     task = validate_version(params, pending)
@@ -101,8 +111,16 @@ def train(params: Params) -> None:
     others = load_other_tasks(params, known, exclude=task.task_id)
     if CHALLENGER.exists():
         shutil.rmtree(CHALLENGER)
-    run_step(params, task, base=base_from_params(params.model), out_bank=CHALLENGER, parent_bank=parent,
-             eval_tasks=others, lineage={"data_version": pending.data_hash})
+    launch_step(
+        params,
+        task.task_id,
+        parent,
+        CHALLENGER,
+        task=task,
+        base=base_from_params(params.model),
+        eval_tasks=others,
+        lineage={"data_version": pending.data_hash},
+    )
 
 
 def _challenger_tasks(params: Params):
@@ -119,8 +137,9 @@ def evaluate(params: Params) -> None:
     from moecl.model.base import base_from_params
 
     _, tasks = _challenger_tasks(params)
-    evaluate_challenger(params, CHALLENGER, base_from_params(params.model), tasks, _outputs(),
-                        write_to_bank=False)  # the bank is the train stage's output: never modify it
+    evaluate_challenger(
+        params, CHALLENGER, base_from_params(params.model), tasks, _outputs(), write_to_bank=False
+    )  # the bank is the train stage's output: never modify it
 
 
 def _gate_inputs(params: Params):
@@ -146,8 +165,10 @@ def gate(params: Params) -> None:
     if record is not None and others:
         champion_bank = registry.bank_path(record)
         known = {t: d for t, d in others.items() if (champion_bank / f"expert-{t}.safetensors").exists()}
-        behaviour = (canary_predictions(params, champion_bank, base, known),
-                     canary_predictions(params, CHALLENGER, base, known))
+        behaviour = (
+            canary_predictions(params, champion_bank, base, known),
+            canary_predictions(params, CHALLENGER, base, known),
+        )
     drift_result = DataDriftResult(**json.loads(Path("metrics/drift.json").read_text()))
     decision = gate_challenger(params, tasks[new_task], metrics, record, behaviour, drift_result, _outputs())
     print(f"gate: {decision.decision} - " + "; ".join(decision.reasons))
@@ -172,8 +193,17 @@ def promote(params: Params) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(CHALLENGER, tmp)
         tmp.rename(dest)
-    record = record_decision(params, registry, validate_version(params, pending), pending, dest, metrics, decision,
-                             registry.champion(), flow_run_id=None)
+    record = record_decision(
+        params,
+        registry,
+        validate_version(params, pending),
+        pending,
+        dest,
+        metrics,
+        decision,
+        registry.champion(),
+        flow_run_id=None,
+    )
     print(f"{record.version}: {record.status} ({'; '.join(decision.reasons)})")
 
 
@@ -181,8 +211,11 @@ STAGES = {f.__name__: f for f in (champion, validate, drift, train, evaluate, ga
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moecl.stages", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m moecl.stages",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)

@@ -18,8 +18,15 @@ _WORDS = {
 }
 
 
-def make_task(task_id: str, labels: list[str], n_train: int = 24, n_test: int = 12, seed: int = 0,
-              instruction: str = "", positive_label: str | None = None) -> TaskData:
+def make_task(
+    task_id: str,
+    labels: list[str],
+    n_train: int = 24,
+    n_test: int = 12,
+    seed: int = 0,
+    instruction: str = "",
+    positive_label: str | None = None,
+) -> TaskData:
     """A synthetic, learnable task: each label has its own vocabulary, mixed with shared filler words."""
     rng = random.Random(f"{task_id}-{seed}")
     filler = "the a of and to in is it for on with as".split()
@@ -34,9 +41,14 @@ def make_task(task_id: str, labels: list[str], n_train: int = 24, n_test: int = 
             out.append(Record(f"{split}{i} " + " ".join(words), label))
         return out
 
-    return TaskData(task_id=task_id, labels=list(labels), train=records(n_train, "tr"), test=records(n_test, "te"),
-                    instruction=instruction or f"Which label fits this {task_id} text?",
-                    positive_label=positive_label)
+    return TaskData(
+        task_id=task_id,
+        labels=list(labels),
+        train=records(n_train, "tr"),
+        test=records(n_test, "te"),
+        instruction=instruction or f"Which label fits this {task_id} text?",
+        positive_label=positive_label,
+    )
 
 
 def tiny_tokenizer(extra_texts: list[str] | None = None):
@@ -48,8 +60,11 @@ def tiny_tokenizer(extra_texts: list[str] | None = None):
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<eos>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<eos>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus * 3, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     fast.padding_side = "left"
@@ -61,9 +76,16 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 2,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg)
     model.eval()
     return model

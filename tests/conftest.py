@@ -44,5 +44,7 @@ def fast_params():
 def two_tasks():
     from moecl.testing import make_task
 
-    return (make_task("topics", ["sports", "business", "science"]),
-            make_task("sentiment", ["positive", "negative"], positive_label="positive"))
+    return (
+        make_task("topics", ["sports", "business", "science"]),
+        make_task("sentiment", ["positive", "negative"], positive_label="positive"),
+    )

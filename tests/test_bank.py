@@ -36,8 +36,11 @@ def test_manifest_records_lineage_and_hashes(bank_one, tiny_base, two_tasks):
     assert manifest["tasks"][0]["data_hash"] == two_tasks[0].content_hash()
     assert manifest["lineage"]["params"]["train"]["lr"] == pytest.approx(5e-3)
     assert manifest["steps"] == ["topics"]
-    assert sorted(p.name for p in bank_one.iterdir()) == ["bank.json", "expert-topics.safetensors",
-                                                           "shared.safetensors"]
+    assert sorted(p.name for p in bank_one.iterdir()) == [
+        "bank.json",
+        "expert-topics.safetensors",
+        "shared.safetensors",
+    ]
     assert not any(p.suffix in (".bin", ".pt", ".pkl") for p in bank_one.iterdir())
 
 
@@ -50,7 +53,9 @@ def test_loading_on_another_base_model_fails_clearly(bank_one, tiny_base):
 def test_banks_are_immutable(bank_one, tiny_base, fast_params, two_tasks):
     before = {p.name: p.read_bytes() for p in bank_one.iterdir()}
     with pytest.raises(BankError, match="immutable"):
-        run_step(fast_params, two_tasks[1], base=tiny_base, parent_bank=bank_one, out_bank=bank_one, progress=False)
+        run_step(
+            fast_params, two_tasks[1], base=tiny_base, parent_bank=bank_one, out_bank=bank_one, progress=False
+        )
     assert {p.name: p.read_bytes() for p in bank_one.iterdir()} == before
 
 
@@ -62,8 +67,14 @@ def test_failed_step_leaves_no_half_bank(bank_one, tiny_base, fast_params, two_t
 
     monkeypatch.setattr(bank_mod, "_save_tensors", boom)
     with pytest.raises(RuntimeError):
-        run_step(fast_params, two_tasks[1], base=tiny_base, parent_bank=bank_one, out_bank=tmp_path / "b2",
-                 progress=False)
+        run_step(
+            fast_params,
+            two_tasks[1],
+            base=tiny_base,
+            parent_bank=bank_one,
+            out_bank=tmp_path / "b2",
+            progress=False,
+        )
     assert not (tmp_path / "b2").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".b2")]
 
@@ -79,8 +90,14 @@ def test_method_change_on_an_existing_bank_is_refused(bank_one, tiny_base, fast_
 
     fast_params.method.name = "per_task_lora"
     with pytest.raises(MoeclError, match="method.name"):
-        run_step(fast_params, two_tasks[1], base=tiny_base, parent_bank=bank_one, out_bank=tmp_path / "b2",
-                 progress=False)
+        run_step(
+            fast_params,
+            two_tasks[1],
+            base=tiny_base,
+            parent_bank=bank_one,
+            out_bank=tmp_path / "b2",
+            progress=False,
+        )
     assert not (tmp_path / "b2").exists()
 
 

@@ -13,8 +13,9 @@ def write_task_folder(root, task):
 
     folder = root / task.task_id
     folder.mkdir(parents=True)
-    (folder / "task.yaml").write_text(yaml.safe_dump({"labels": task.labels, "instruction": task.instruction,
-                                                      "description": "synthetic"}))
+    (folder / "task.yaml").write_text(
+        yaml.safe_dump({"labels": task.labels, "instruction": task.instruction, "description": "synthetic"})
+    )
     for split in ("train", "test"):
         with open(folder / f"{split}.jsonl", "w") as f:
             for r in getattr(task, split):
@@ -42,8 +43,11 @@ def project(tmp_path, tiny_tok, two_tasks, monkeypatch):
 def test_step_two_tasks_then_eval_gives_a_2x2_matrix(project, capsys):
     assert main(["step", "--task", "topics", "--out", "banks/b1", "--quiet"]) == 0
     assert main(["step", "--task", "sentiment", "--bank", "banks/b1", "--out", "banks/b2", "--quiet"]) == 0
-    assert filecmp.cmp(project / "banks/b1/expert-topics.safetensors", project / "banks/b2/expert-topics.safetensors",
-                       shallow=False)
+    assert filecmp.cmp(
+        project / "banks/b1/expert-topics.safetensors",
+        project / "banks/b2/expert-topics.safetensors",
+        shallow=False,
+    )
     capsys.readouterr()
     assert main(["eval", "--bank", "banks/b2", "--json", "--quiet", "--out", "metrics/cl.json"]) == 0
     record = json.loads(capsys.readouterr().out)
@@ -78,7 +82,10 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(project, capsys):
     assert main(["predict", "--bank", "banks/b1", "--task", "nope", "hi"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
 
-    assert main(["-S", "train.lrr=1", "step", "--task", "sentiment", "--bank", "banks/b1", "--out", "banks/x"]) == 2
+    assert (
+        main(["-S", "train.lrr=1", "step", "--task", "sentiment", "--bank", "banks/b1", "--out", "banks/x"])
+        == 2
+    )
     assert "train.lrr is not a known key" in capsys.readouterr().err
 
     assert main(["step", "--task", "missing", "--bank", "banks/b1", "--out", "banks/x"]) == 2

@@ -40,15 +40,23 @@ def test_promote_then_rerun_does_nothing(workspace, tiny_base, two_tasks):
     assert (root / "reports" / "drift-topics.html").is_file()
 
     assert pending_versions(params, registry) == []
-    assert evolve_pending(params, base=tiny_base, registry=registry, outputs=Outputs(root), progress=False) == []
+    assert (
+        evolve_pending(params, base=tiny_base, registry=registry, outputs=Outputs(root), progress=False) == []
+    )
 
     write_task_folder(root / "data" / "tasks", two_tasks[1])
     second = evolve_pending(params, base=tiny_base, registry=registry, outputs=Outputs(root), progress=False)
     assert [o.task_id for o in second] == ["sentiment"]
     cl = json.loads((root / "metrics" / "cl.json").read_text())
     assert cl["order"] == ["topics", "sentiment"] and len(cl["matrix"]) == 2
-    again = process_version(params, version_for(params, "sentiment"), base=tiny_base, registry=registry,
-                            outputs=Outputs(root), progress=False)
+    again = process_version(
+        params,
+        version_for(params, "sentiment"),
+        base=tiny_base,
+        registry=registry,
+        outputs=Outputs(root),
+        progress=False,
+    )
     assert again.decision == "skipped"
 
 
@@ -60,8 +68,14 @@ def test_forgetting_challenger_is_rejected_and_champion_kept(workspace, tiny_bas
     write_task_folder(root / "data" / "tasks", two_tasks[1])
     strict = copy.deepcopy(params)
     strict.gate.max_task_drop = -0.5  # any challenger "forgets" against this threshold
-    out = process_version(strict, version_for(strict, "sentiment"), base=tiny_base, registry=registry,
-                          outputs=Outputs(root), progress=False)
+    out = process_version(
+        strict,
+        version_for(strict, "sentiment"),
+        base=tiny_base,
+        registry=registry,
+        outputs=Outputs(root),
+        progress=False,
+    )
     assert out.decision == "reject"
     assert any(r.startswith("forgetting") and "topics" in r for r in out.reasons)
     assert registry.champion().version == champion.version
@@ -76,14 +90,22 @@ def test_drifted_new_version_of_a_known_task_is_rejected(workspace, tiny_base):
     root, params, registry = workspace
     evolve_pending(params, base=tiny_base, registry=registry, outputs=Outputs(root), progress=False)
     drifted = make_task("topics", ["sports", "business", "science"], n_train=30, seed=5)
-    drifted.train = [type(r)(" ".join(["zebra quantum"] * 40) + f" {i}", "sports") if i % 2 else r
-                     for i, r in enumerate(drifted.train)]
+    drifted.train = [
+        type(r)(" ".join(["zebra quantum"] * 40) + f" {i}", "sports") if i % 2 else r
+        for i, r in enumerate(drifted.train)
+    ]
     import shutil
 
     shutil.rmtree(root / "data" / "tasks" / "topics")
     write_task_folder(root / "data" / "tasks", drifted)
-    out = process_version(params, version_for(params, "topics"), base=tiny_base, registry=registry,
-                          outputs=Outputs(root), progress=False)
+    out = process_version(
+        params,
+        version_for(params, "topics"),
+        base=tiny_base,
+        registry=registry,
+        outputs=Outputs(root),
+        progress=False,
+    )
     assert out.decision == "reject"
     assert any(r.startswith("data_drift") for r in out.reasons), out.reasons
 
@@ -100,7 +122,13 @@ def test_invalid_version_is_refused_before_anything_is_written(workspace, tiny_b
     (bad / "test.jsonl").write_text('{"text": "z", "label": "b"}\n')
     before = {k: v for k, v in _tree(root).items() if not k.startswith("data/")}
     with pytest.raises(DataValidationError, match=r"train.jsonl:2: label"):
-        process_version(params, version_for(params, "broken"), base=tiny_base, registry=registry,
-                        outputs=Outputs(root), progress=False)
+        process_version(
+            params,
+            version_for(params, "broken"),
+            base=tiny_base,
+            registry=registry,
+            outputs=Outputs(root),
+            progress=False,
+        )
     after = {k: v for k, v in _tree(root).items() if not k.startswith("data/")}
     assert after == before

@@ -2,8 +2,16 @@ import math
 
 import pytest
 
-from moecl.metrics import (ContinualMetrics, acc, accuracy, bwt, forgetting_per_task, fwt, normalize_answer,
-                           stripping_rate)
+from moecl.metrics import (
+    ContinualMetrics,
+    acc,
+    accuracy,
+    bwt,
+    forgetting_per_task,
+    fwt,
+    normalize_answer,
+    stripping_rate,
+)
 
 ORDER = ["a", "b", "c"]
 # R[i][j]: row = after step i, column = task j
@@ -47,8 +55,9 @@ def test_repeated_task_compares_with_its_last_training():
 
 
 def test_continual_metrics_json_shape():
-    m = ContinualMetrics(order=ORDER, matrix=MATRIX, before_training={"b": 0.4, "c": 0.3},
-                         zero_shot={"b": 0.25, "c": 0.2})
+    m = ContinualMetrics(
+        order=ORDER, matrix=MATRIX, before_training={"b": 0.4, "c": 0.3}, zero_shot={"b": 0.25, "c": 0.2}
+    )
     d = m.as_dict()
     assert d["acc"] == pytest.approx(0.583333, abs=1e-6)
     assert d["bwt"] == pytest.approx(-0.175)

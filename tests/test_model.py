@@ -19,8 +19,9 @@ def test_at_init_the_mixture_equals_the_base_model(tiny_base, tiny_tok, method, 
     base_model, _ = tiny_base.load()
     ids, mask = _inputs(tiny_tok)
     with torch.no_grad():
-        reference = base_model(input_ids=ids, attention_mask=mask,
-                               position_ids=MoECLModel.position_ids(mask)).logits
+        reference = base_model(
+            input_ids=ids, attention_mask=mask, position_ids=MoECLModel.position_ids(mask)
+        ).logits
     model = MoECLModel(base_model, Params().lora, MethodConfig(name=method, mode=mode))
     model.add_task(TaskInfo("t1", ["x", "y"]))
     model.add_task(TaskInfo("t2", ["x", "y"]))
@@ -44,8 +45,9 @@ def test_what_changed_after_two_steps(tiny_base, fast_params, two_tasks, tmp_pat
     params.method.memory_per_task = 4  # so the discriminator sees two classes in step 2
     run_step(params, t1, base=tiny_base, out_bank=tmp_path / "b1", progress=False)
     before = load_bank(tmp_path / "b1", tiny_base).model
-    result = run_step(params, t2, base=tiny_base, parent_bank=tmp_path / "b1", out_bank=tmp_path / "b2",
-                      progress=False)
+    result = run_step(
+        params, t2, base=tiny_base, parent_bank=tmp_path / "b1", out_bank=tmp_path / "b2", progress=False
+    )
     after = load_bank(tmp_path / "b2", tiny_base).model
     assert result.new_task and result.losses is not None
 
@@ -63,13 +65,18 @@ def test_what_changed_after_two_steps(tiny_base, fast_params, two_tasks, tmp_pat
     assert any(".shared." in n and n.endswith(".B") for n in changed), "shared expert did not change"
     assert any(".gate." in n for n in changed), "gates did not change"
     assert any(".discriminator." in n for n in new_shared)
-    for i, layer in enumerate(after.layers):  # discriminators grew to 2 tasks and their task-1 rows moved
+    for layer in after.layers:  # discriminators grew to 2 tasks
         assert layer.discriminator.out_features == 2
     assert any(".discriminator." in n for n in changed), "discriminators did not change"
     t2_params = after.task_parameters("sentiment")
-    assert any(n.endswith(".B") and t2_params[n].abs().sum() > 0 for n in t2_params), "task-2 expert untrained"
-    assert filecmp.cmp(tmp_path / "b1" / "expert-topics.safetensors", tmp_path / "b2" / "expert-topics.safetensors",
-                       shallow=False)
+    assert any(n.endswith(".B") and t2_params[n].abs().sum() > 0 for n in t2_params), (
+        "task-2 expert untrained"
+    )
+    assert filecmp.cmp(
+        tmp_path / "b1" / "expert-topics.safetensors",
+        tmp_path / "b2" / "expert-topics.safetensors",
+        shallow=False,
+    )
 
 
 def test_gradient_reversal_sign(tiny_base, tiny_tok):
@@ -88,20 +95,30 @@ def test_gradient_reversal_sign(tiny_base, tiny_tok):
     model.eval()  # no dropout: both passes must see the same forward
     from moecl.model.encoding import Encoded
 
-    items = [Encoded(tiny_tok(t)["input_ids"], 0, -1, task) for t, task in
-             [("goal team", "a"), ("profit bank stock", "b"), ("coach win cup", "a"), ("merger trade", "b")]]
+    items = [
+        Encoded(tiny_tok(t)["input_ids"], 0, -1, task)
+        for t, task in [
+            ("goal team", "a"),
+            ("profit bank stock", "b"),
+            ("coach win cup", "a"),
+            ("merger trade", "b"),
+        ]
+    ]
     batch = collate(items, pad_id(tiny_tok))
 
     def adversarial_grads(scale):
         model.zero_grad(set_to_none=True)
         for p in model.shared_parameters().values():
             p.requires_grad_(True)
-        with model.routed(batch.tasks, attention_mask=batch.attention_mask, collect_discriminator=True,
-                          reverse_scale=scale) as routing:
+        with model.routed(
+            batch.tasks, attention_mask=batch.attention_mask, collect_discriminator=True, reverse_scale=scale
+        ) as routing:
             model.decoder_hidden(batch.input_ids, batch.attention_mask)
             loss = AdversarialTerm(0.1)(model, batch, routing)["discriminator"]
         loss.backward()
-        return {n: p.grad.clone() for n, p in model.shared_parameters().items() if p.grad is not None}, loss.item()
+        return {
+            n: p.grad.clone() for n, p in model.shared_parameters().items() if p.grad is not None
+        }, loss.item()
 
     reversed_grads, loss = adversarial_grads(0.1)
     plain_grads, _ = adversarial_grads(-1.0)  # reversal by -1: the plain gradient of L_adv
@@ -124,8 +141,9 @@ def test_discriminator_loss_decreases_under_adversarial_training(tiny_base, fast
     params.train.dev_fraction = 0.0
     t1, t2 = two_tasks
     run_step(params, t1, base=tiny_base, out_bank=tmp_path / "b1", progress=False)
-    result = run_step(params, t2, base=tiny_base, parent_bank=tmp_path / "b1", out_bank=tmp_path / "b2",
-                      progress=False)
+    result = run_step(
+        params, t2, base=tiny_base, parent_bank=tmp_path / "b1", out_bank=tmp_path / "b2", progress=False
+    )
     disc = [loss.discriminator for loss in result.outcome.losses]
     assert disc[0] > 0
     assert sum(disc[-3:]) / 3 < sum(disc[:3]) / 3, disc
@@ -167,7 +185,9 @@ def test_base_projections_run_once_per_layer(tiny_base, tiny_tok):
     calls = {"gate_proj": 0, "up_proj": 0, "down_proj": 0}
     for layer in model.layers:
         for proj in calls:
-            getattr(layer.base, proj).register_forward_hook(lambda *a, _p=proj: calls.__setitem__(_p, calls[_p] + 1))
+            getattr(layer.base, proj).register_forward_hook(
+                lambda *a, _p=proj: calls.__setitem__(_p, calls[_p] + 1)
+            )
     ids, mask = _inputs(tiny_tok)
     with torch.no_grad(), model.routed(["t3", "t3"]):
         model.lm_logits(ids, mask)
@@ -181,7 +201,9 @@ def test_trainable_set_is_exactly_shared_plus_current_task(tiny_base):
     model.add_task(TaskInfo("a", ["x", "y"]))
     model.add_task(TaskInfo("b", ["x", "y"]))
     trainable = {id(p) for p in model.trainable_parameters("b")}
-    expected = {id(p) for p in list(model.shared_parameters().values()) + list(model.task_parameters("b").values())}
+    expected = {
+        id(p) for p in list(model.shared_parameters().values()) + list(model.task_parameters("b").values())
+    }
     assert trainable == expected
     assert all(not p.requires_grad for p in model.task_parameters("a").values())
     assert all(not p.requires_grad for p in model.base_model.parameters() if id(p) not in expected)

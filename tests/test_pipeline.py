@@ -37,12 +37,19 @@ def dvc_project(tmp_path, tiny_tok, two_tasks):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["model"]["name_or_path"] = str(model_dir)
     params["train"].update({"epochs": 2, "lr": 0.005, "max_length": 64, "evals_per_epoch": 1})
-    params["gate"].update({"max_task_drop": 1.0, "min_bwt": -1.0, "min_canary_agreement": 0.0,
-                           "max_confidence_ks": 1.0})
+    params["gate"].update(
+        {"max_task_drop": 1.0, "min_bwt": -1.0, "min_canary_agreement": 0.0, "max_confidence_ks": 1.0}
+    )
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@example.com"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
     run(["git", "init", "-q"], project, env)
     run(["dvc", "init", "-q"], project, env)
     shutil.copytree(REPO / ".dvc" / "plots", project / ".dvc" / "plots")

@@ -24,7 +24,9 @@ def resolve_bank(params, bank: str | None) -> Path:
 
     champion = Registry.from_params(params).champion_bank()
     if champion is None:
-        raise BankError("no --bank given and the registry has no champion yet (run `moecl step` or `moecl evolve`)")
+        raise BankError(
+            "no --bank given and the registry has no champion yet (run `moecl step` or `moecl evolve`)"
+        )
     return Path(champion)
 
 
@@ -45,14 +47,18 @@ def load_tasks(params, task_ids) -> dict:
 
 def _next_bank_dir(params, task_id: str) -> Path:
     root = Path(params.registry.banks_dir)
-    n = 1 + sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else 1
+    n = (
+        1 + sum(1 for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if root.is_dir()
+        else 1
+    )
     return root / f"{n:04d}-{task_id}"
 
 
 def cmd_step(args) -> int:
     from moecl.bank import read_manifest
     from moecl.model.base import base_from_params
-    from moecl.train.step import run_step
+    from moecl.train.launch import launch_step
 
     params = _params(args)
     known = [t["task_id"] for t in read_manifest(args.bank)["tasks"]] if args.bank else []
@@ -61,12 +67,19 @@ def cmd_step(args) -> int:
     task = tasks.pop(args.task)
     out = Path(args.out) if args.out else _next_bank_dir(params, args.task)
     base = base_from_params(params.model)
-    result = run_step(params, task, base=base, out_bank=out, parent_bank=args.bank, progress=not args.quiet,
-                      eval_tasks=tasks)
-    summary = {"bank": str(result.bank_dir), "task": result.task_id, "new_task": result.new_task,
-               "losses": result.losses._asdict() if result.losses else None,
-               "best_dev_accuracy": result.best_dev_accuracy, "before_training": result.before_training,
-               "zero_shot": result.zero_shot, "seconds": round(result.seconds, 2)}
+    result = launch_step(
+        params, args.task, args.bank, out, task=task, base=base, progress=not args.quiet, eval_tasks=tasks
+    )
+    summary = {
+        "bank": str(result.bank_dir),
+        "task": result.task_id,
+        "new_task": result.new_task,
+        "losses": result.losses._asdict() if result.losses else None,
+        "best_dev_accuracy": result.best_dev_accuracy,
+        "before_training": result.before_training,
+        "zero_shot": result.zero_shot,
+        "seconds": round(result.seconds, 2),
+    }
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -79,8 +92,14 @@ def format_matrix(metrics: dict) -> str:
         cells = "".join(("-" if v is None else f"{v:.3f}").rjust(11) for v in row)
         lines.append(f"{i + 1:>2}. {steps[i]}".ljust(width + 4) + cells)
     acc, bwt, fwt = (metrics[k] for k in ("acc", "bwt", "fwt"))
-    lines.append("ACC " + ("n/a" if acc is None else f"{acc:.3f}") + "   BWT " + ("n/a" if bwt is None else f"{bwt:+.3f}")
-                 + "   FWT " + ("n/a" if fwt is None else f"{fwt:+.3f}"))
+    lines.append(
+        "ACC "
+        + ("n/a" if acc is None else f"{acc:.3f}")
+        + "   BWT "
+        + ("n/a" if bwt is None else f"{bwt:+.3f}")
+        + "   FWT "
+        + ("n/a" if fwt is None else f"{fwt:+.3f}")
+    )
     return "\n".join(lines)
 
 
@@ -103,7 +122,9 @@ def cmd_eval(args) -> int:
     else:
         print(format_matrix(record["metrics"]))
         for task_id, rate in record.get("stripping_rate", {}).items():
-            print(f"stripping rate {task_id}: {rate:.3f} (precision >= {params.evaluate.stripping_precision})")
+            print(
+                f"stripping rate {task_id}: {rate:.3f} (precision >= {params.evaluate.stripping_precision})"
+            )
     return 0
 
 
@@ -120,7 +141,7 @@ def _read_texts(args) -> list[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError:
-            raise MoeclError(f"<stdin>:{n}: not valid JSON (expected {{\"text\": ...}} per line)") from None
+            raise MoeclError(f'<stdin>:{n}: not valid JSON (expected {{"text": ...}} per line)') from None
         if isinstance(obj, str):
             texts.append(obj)
         elif isinstance(obj, dict) and isinstance(obj.get("text"), str):
@@ -140,14 +161,24 @@ def cmd_predict(args) -> int:
     bank = resolve_bank(params, args.bank)
     known = [t["task_id"] for t in read_manifest(bank)["tasks"]]
     if args.task not in known:  # checked before the model is loaded
-        raise UnknownTaskError(f"unknown task {args.task!r}: the bank {bank} knows {', '.join(known) or 'none'}")
+        raise UnknownTaskError(
+            f"unknown task {args.task!r}: the bank {bank} knows {', '.join(known) or 'none'}"
+        )
     texts = _read_texts(args)
     if not texts:
         raise MoeclError("no texts: pass them as arguments or as JSON lines on stdin")
     loaded = load_bank(bank, base_from_params(params.model))
-    preds = predict(loaded.model, loaded.tokenizer, args.task, texts, max_length=params.train.max_length,
-                    batch_size=params.evaluate.batch_size, instruction_eval=params.evaluate.instruction_eval,
-                    max_new_tokens=params.evaluate.max_new_tokens, with_scores=True)
+    preds = predict(
+        loaded.model,
+        loaded.tokenizer,
+        args.task,
+        texts,
+        max_length=params.train.max_length,
+        batch_size=params.evaluate.batch_size,
+        instruction_eval=params.evaluate.instruction_eval,
+        max_new_tokens=params.evaluate.max_new_tokens,
+        with_scores=True,
+    )
     for text, p in zip(texts, preds):
         print(json.dumps({"text": text[:80], **p.as_dict()}, ensure_ascii=False))
     return 0

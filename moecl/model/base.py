@@ -36,5 +36,7 @@ def base_from_params(model_cfg) -> BaseSpec:
     return BaseSpec(
         name=model_cfg.name_or_path,
         sha256=backbone_hash(folder),
-        load=lambda: load_backbone(folder, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code),
+        load=lambda: load_backbone(
+            folder, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code
+        ),
     )

@@ -31,7 +31,9 @@ def instruction_parts(instruction: str, labels: list[str]) -> tuple[str, str]:
 class Encoder:
     """Tokenizes records of one task for one mode; caches the pieces that do not depend on the text."""
 
-    def __init__(self, tokenizer, task_id: str, labels: list[str], instruction: str, mode: str, max_length: int):
+    def __init__(
+        self, tokenizer, task_id: str, labels: list[str], instruction: str, mode: str, max_length: int
+    ):
         self.tokenizer = tokenizer
         self.task_id = task_id
         self.labels = list(labels)
@@ -84,8 +86,26 @@ class Batch:
     for_task_loss: torch.Tensor  # bool per row: False for discriminator-memory rows
 
     def to(self, device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.lm_labels.to(device),
-                     self.class_labels.to(device), self.tasks, self.for_task_loss.to(device))
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.lm_labels.to(device),
+            self.class_labels.to(device),
+            self.tasks,
+            self.for_task_loss.to(device),
+        )
+
+    def select(self, rows: list[int]) -> Batch:
+        """These rows only (same width: the padding stays as it was)."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)
+        return Batch(
+            self.input_ids[index],
+            self.attention_mask[index],
+            self.lm_labels[index],
+            self.class_labels[index],
+            [self.tasks[i] for i in rows],
+            self.for_task_loss[index],
+        )
 
 
 def collate(items: list[Encoded], pad: int, for_task_loss: list[bool] | None = None) -> Batch:
@@ -100,7 +120,17 @@ def collate(items: list[Encoded], pad: int, for_task_loss: list[bool] | None = N
         ids[row, offset:] = torch.tensor(e.input_ids, dtype=torch.long)
         mask[row, offset:] = 1
         if e.answer_start < n:
-            lm_labels[row, offset + e.answer_start:] = torch.tensor(e.input_ids[e.answer_start:], dtype=torch.long)
-    flags = torch.tensor(for_task_loss if for_task_loss is not None else [True] * len(items), dtype=torch.bool)
-    return Batch(ids, mask, lm_labels, torch.tensor([e.label_index for e in items], dtype=torch.long),
-                 [e.task_id for e in items], flags)
+            lm_labels[row, offset + e.answer_start :] = torch.tensor(
+                e.input_ids[e.answer_start :], dtype=torch.long
+            )
+    flags = torch.tensor(
+        for_task_loss if for_task_loss is not None else [True] * len(items), dtype=torch.bool
+    )
+    return Batch(
+        ids,
+        mask,
+        lm_labels,
+        torch.tensor([e.label_index for e in items], dtype=torch.long),
+        [e.task_id for e in items],
+        flags,
+    )

@@ -29,7 +29,7 @@ class Prediction:
 
 def _chunks(seq, size):
     for i in range(0, len(seq), size):
-        yield seq[i: i + size]
+        yield seq[i : i + size]
 
 
 def _device(model: MoECLModel) -> torch.device:
@@ -43,7 +43,9 @@ def predict_classifier(model, tokenizer, info: TaskInfo, texts, max_length, batc
     for chunk in _chunks(list(texts), batch_size):
         batch = collate([enc.encode(t) for t in chunk], pad).to(device)
         with model.routed(batch.tasks, disabled=disabled):
-            probs = torch.softmax(model.classify(batch.input_ids, batch.attention_mask, info.task_id).float(), -1)
+            probs = torch.softmax(
+                model.classify(batch.input_ids, batch.attention_mask, info.task_id).float(), -1
+            )
         for row in probs.tolist():
             best = max(range(len(row)), key=row.__getitem__)
             out.append(Prediction(info.labels[best], row[best], dict(zip(info.labels, row))))
@@ -67,7 +69,7 @@ def option_scores(model, tokenizer, info: TaskInfo, texts, max_length, batch_siz
     from moecl.model.encoding import Encoded
 
     for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start: start + batch_size]
+        chunk = pairs[start : start + batch_size]
         batch = collate([Encoded(ids, n, -1, info.task_id) for _, _, ids, n in chunk], pad).to(device)
         with model.routed(batch.tasks, disabled=disabled):
             logits = model.lm_logits(batch.input_ids, batch.attention_mask).float()
@@ -75,7 +77,7 @@ def option_scores(model, tokenizer, info: TaskInfo, texts, max_length, batch_siz
         targets = batch.lm_labels[:, 1:]
         valid = targets != -100
         picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
-        loglik[start: start + len(chunk)] = picked.sum(-1).cpu()
+        loglik[start : start + len(chunk)] = picked.sum(-1).cpu()
     n_opt = len(info.labels)
     per_text = torch.softmax(loglik.view(len(texts), n_opt), dim=-1)
     return [dict(zip(info.labels, row)) for row in per_text.tolist()]
@@ -99,21 +101,37 @@ def predict_generate(model, tokenizer, info, texts, max_length, batch_size, max_
         batch = collate([enc.encode(t, with_answer=False) for t in chunk], pad).to(device)
         with model.routed(batch.tasks, disabled=disabled):
             generated = model.base_model.generate(
-                input_ids=batch.input_ids, attention_mask=batch.attention_mask, max_new_tokens=max_new_tokens,
-                do_sample=False, pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad,
+                eos_token_id=tokenizer.eos_token_id,
             )
-        new_tokens = generated[:, batch.input_ids.shape[1]:]
+        new_tokens = generated[:, batch.input_ids.shape[1] :]
         for row in new_tokens.tolist():
             text = tokenizer.decode(row, skip_special_tokens=True)
             answer = text.strip().split("\n")[0].strip()
             label = by_norm.get(normalize_answer(answer))
-            out.append(Prediction(label if label is not None else answer, 1.0 if label else 0.0, answer=answer))
+            out.append(
+                Prediction(label if label is not None else answer, 1.0 if label else 0.0, answer=answer)
+            )
     return out
 
 
-def predict(model: MoECLModel, tokenizer, task_id: str, texts, *, max_length: int = 256, batch_size: int = 16,
-            instruction_eval: str = "generate", max_new_tokens: int = 8, disabled: bool = False,
-            with_scores: bool = False) -> list[Prediction]:
+def predict(
+    model: MoECLModel,
+    tokenizer,
+    task_id: str,
+    texts,
+    *,
+    max_length: int = 256,
+    batch_size: int = 16,
+    instruction_eval: str = "generate",
+    max_new_tokens: int = 8,
+    disabled: bool = False,
+    with_scores: bool = False,
+) -> list[Prediction]:
     """Predict labels for `texts` on `task_id` (raises UnknownTaskError for a task the bank lacks)."""
     info = model.task(task_id)
     was_training = model.training
@@ -123,10 +141,13 @@ def predict(model: MoECLModel, tokenizer, task_id: str, texts, *, max_length: in
             return predict_classifier(model, tokenizer, info, texts, max_length, batch_size, disabled)
         if instruction_eval == "likelihood":
             return predict_likelihood(model, tokenizer, info, texts, max_length, batch_size, disabled)
-        preds = predict_generate(model, tokenizer, info, texts, max_length, batch_size, max_new_tokens, disabled)
+        preds = predict_generate(
+            model, tokenizer, info, texts, max_length, batch_size, max_new_tokens, disabled
+        )
         if with_scores:
-            for p, scores in zip(preds, option_scores(model, tokenizer, info, texts, max_length, batch_size,
-                                                      disabled)):
+            for p, scores in zip(
+                preds, option_scores(model, tokenizer, info, texts, max_length, batch_size, disabled)
+            ):
                 p.scores = scores
                 p.confidence = scores.get(p.label, 0.0)
         return preds

@@ -51,7 +51,9 @@ def group_rows(per_sample: list[tuple[str, ...]], device: torch.device) -> RowGr
 class Routing:
     """What every MoE-CL layer needs to know about the current forward pass (set once by the wrapper)."""
 
-    branches: list[RowGroups] = field(default_factory=list)  # 1 branch (plain) or 2 (shared, dedicated: gated)
+    branches: list[RowGroups] = field(
+        default_factory=list
+    )  # 1 branch (plain) or 2 (shared, dedicated: gated)
     gated: bool = False
     disabled: bool = False  # run the bare base FFN (the untrained model)
     token_mask: torch.Tensor | None = None  # [B, L] 1 for real tokens, for the discriminator's pooling
@@ -143,7 +145,9 @@ class MoEFeedForward(nn.Module):
             if d_t is not None:
                 out = out + beta_t * d_t.to(out.dtype)
         else:
-            out = self._add(base.down_proj(hiddens[0]), self._delta("down_proj", hiddens[0], routing.branches[0]))
+            out = self._add(
+                base.down_proj(hiddens[0]), self._delta("down_proj", hiddens[0], routing.branches[0])
+            )
 
         if routing.collect_discriminator and self.discriminator is not None:
             routing.discriminator_logits.append(self._discriminate(hiddens[0], routing))
@@ -152,6 +156,10 @@ class MoEFeedForward(nn.Module):
     def _discriminate(self, h_shared: torch.Tensor, routing: Routing) -> torch.Tensor:
         mask = routing.token_mask.to(h_shared.dtype).unsqueeze(-1)
         pooled = (h_shared * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
-        shared_out = self._add(self.base.down_proj(pooled), self._delta("down_proj", pooled, routing.branches[0]))
-        reversed_out = gradient_reversal(shared_out.to(self.discriminator.weight.dtype), routing.reverse_scale)
+        shared_out = self._add(
+            self.base.down_proj(pooled), self._delta("down_proj", pooled, routing.branches[0])
+        )
+        reversed_out = gradient_reversal(
+            shared_out.to(self.discriminator.weight.dtype), routing.reverse_scale
+        )
         return self.discriminator(reversed_out)

@@ -38,11 +38,15 @@ PROJECTION_SHAPES = {  # projection -> (input is hidden?, output is hidden?)
 class Expert(nn.ModuleDict):
     """One expert of one layer: a LoRA delta on each targeted FFN projection."""
 
-    def __init__(self, hidden: int, intermediate: int, targets: list[str], r: int, scale: float, dropout: float):
+    def __init__(
+        self, hidden: int, intermediate: int, targets: list[str], r: int, scale: float, dropout: float
+    ):
         sizes = {"hidden": hidden, "intermediate": intermediate}
         super().__init__(
             {
-                name: LoraDelta(sizes[PROJECTION_SHAPES[name][0]], sizes[PROJECTION_SHAPES[name][1]], r, scale, dropout)
+                name: LoraDelta(
+                    sizes[PROJECTION_SHAPES[name][0]], sizes[PROJECTION_SHAPES[name][1]], r, scale, dropout
+                )
                 for name in targets
             }
         )

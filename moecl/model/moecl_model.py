@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -33,6 +34,14 @@ class TaskInfo:
     labels: list[str]
     instruction: str = ""
     positive_label: str | None = None
+
+
+class MoECLOutput(NamedTuple):
+    """What `MoECLModel.forward` returns: the logits, and the task discriminators' logits of every layer when the
+    routing collects them (empty otherwise)."""
+
+    logits: torch.Tensor
+    discriminator_logits: tuple[torch.Tensor, ...] = ()
 
 
 def _is_gated_ffn(module: nn.Module) -> bool:
@@ -111,8 +120,13 @@ class MoECLModel(nn.Module):
         self.tasks.append(info)
         if self.method.uses_dedicated:
             for layer in self.layers:
-                layer.add_expert(expert_name(info.task_id), self.lora.targets, self.lora.r, self.lora.scale,
-                                 self.lora.dropout)
+                layer.add_expert(
+                    expert_name(info.task_id),
+                    self.lora.targets,
+                    self.lora.r,
+                    self.lora.scale,
+                    self.lora.dropout,
+                )
         if self.mode == "classifier":
             device = self.layers[0].base.down_proj.weight.device
             self.heads[info.task_id] = nn.Linear(self.hidden_size, len(info.labels), device=device)
@@ -176,8 +190,15 @@ class MoECLModel(nn.Module):
         raise MoeclError(f"unknown method {name!r}")
 
     @contextmanager
-    def routed(self, sample_tasks: list[str], *, attention_mask: torch.Tensor | None = None,
-               collect_discriminator: bool = False, reverse_scale: float = 0.0, disabled: bool = False):
+    def routed(
+        self,
+        sample_tasks: list[str],
+        *,
+        attention_mask: torch.Tensor | None = None,
+        collect_discriminator: bool = False,
+        reverse_scale: float = 0.0,
+        disabled: bool = False,
+    ):
         """Route the forward passes inside the block: which experts each sample uses, and what to collect."""
         r = self.routing
         device = self.layers[0].base.down_proj.weight.device
@@ -205,8 +226,12 @@ class MoECLModel(nn.Module):
     def decoder_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Final-norm hidden states of the decoder (no LM head). Call inside `routed(...)`."""
         decoder = getattr(self.base_model, self.base_model.base_model_prefix)
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=self.position_ids(attention_mask), use_cache=False)
+        out = decoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=self.position_ids(attention_mask),
+            use_cache=False,
+        )
         return out.last_hidden_state
 
     def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_id: str) -> torch.Tensor:
@@ -216,6 +241,33 @@ class MoECLModel(nn.Module):
         return head(hidden[:, -1, :].to(head.weight.dtype))
 
     def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        out = self.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                              position_ids=self.position_ids(attention_mask), use_cache=False)
+        out = self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=self.position_ids(attention_mask),
+            use_cache=False,
+        )
         return out.logits
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        task_id: str | None = None,
+        output: str = "classify",
+    ) -> MoECLOutput:
+        """One forward pass, for training under a wrapper such as DDP. Call inside `routed(...)`.
+
+        output="classify": the head logits of `task_id` (`classify`); output="lm": the LM logits (`lm_logits`).
+        The discriminator logits the routing collected are returned too, so that a wrapper which looks for the
+        parameters a pass used (DDP with find_unused_parameters) finds the discriminators as well.
+        """
+        if output == "classify":
+            if task_id is None:
+                raise MoeclError("forward(output='classify') needs a task_id")
+            logits = self.classify(input_ids, attention_mask, task_id)
+        elif output == "lm":
+            logits = self.lm_logits(input_ids, attention_mask)
+        else:
+            raise MoeclError(f"forward: output={output!r} is not 'classify' or 'lm'")
+        return MoECLOutput(logits, tuple(self.routing.discriminator_logits))

@@ -1,4 +1,9 @@
-"""The training loop of one continual-learning step: one task, plain AdamW, best dev checkpoint kept."""
+"""The training loop of one continual-learning step: one task, plain AdamW, best dev checkpoint kept.
+
+Under a distributed launch (see moecl/train/distributed.py) the same loop runs on every process with
+accelerate: DDP averages the gradients, each process takes its share of every global batch, and the dev
+evaluation is split over the processes and summed, so every process takes the same best-checkpoint decision.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,11 @@ import torch.nn.functional as F
 from moecl.config import Params
 from moecl.data.task import Record, TaskData
 from moecl.metrics import accuracy
-from moecl.model.encoding import Encoded, Encoder, collate, pad_id
+from moecl.model.encoding import IGNORE_INDEX, Encoded, Encoder, collate, pad_id
 from moecl.model.inference import predict
 from moecl.model.moecl_model import MoECLModel
 from moecl.sampling import split_dev, stratified_sample
+from moecl.train.distributed import make_accelerator, share_of, under_distributed_launch
 from moecl.train.terms import build_terms
 
 
@@ -66,27 +72,89 @@ class MemorySampler:
         return out
 
 
-def _task_loss(model: MoECLModel, batch, task_id: str) -> torch.Tensor:
-    if model.mode == "classifier":
-        logits = model.classify(batch.input_ids, batch.attention_mask, task_id)
-        return F.cross_entropy(logits.float(), batch.class_labels, ignore_index=-1)
-    logits = model.lm_logits(batch.input_ids, batch.attention_mask).float()
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch.lm_labels[:, 1:].reshape(-1),
-                           ignore_index=-100)
+def _task_targets(batch, mode: str) -> int:
+    """How many targets the task loss averages over: labelled rows (classifier) or answer tokens (instruction)."""
+    if mode == "classifier":
+        return int((batch.class_labels != -1).sum())
+    return int((batch.lm_labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def dev_accuracy(model: MoECLModel, tokenizer, task_id: str, records: list[Record], params: Params) -> float:
-    preds = predict(model, tokenizer, task_id, [r.text for r in records], max_length=params.train.max_length,
-                    batch_size=params.evaluate.batch_size, instruction_eval=params.evaluate.instruction_eval,
-                    max_new_tokens=params.evaluate.max_new_tokens)
-    return accuracy([p.label for p in preds], [r.label for r in records])
+def _task_loss(net, mode: str, batch, task_id: str, denominator: float | None = None):
+    """The task loss and the forward pass's output. `net` is the model, or its DDP wrapper.
+
+    The mean over the batch's targets; with `denominator`, the sum divided by it (a share of a global batch).
+    """
+    out = net(
+        batch.input_ids,
+        batch.attention_mask,
+        task_id=task_id,
+        output="classify" if mode == "classifier" else "lm",
+    )
+    reduction = "mean" if denominator is None else "sum"
+    if mode == "classifier":
+        loss = F.cross_entropy(out.logits.float(), batch.class_labels, ignore_index=-1, reduction=reduction)
+    else:
+        logits = out.logits.float()
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            batch.lm_labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+            reduction=reduction,
+        )
+    return (loss if denominator is None else loss / denominator), out
 
 
-def train_on_task(model: MoECLModel, tokenizer, task: TaskData, params: Params, *,
-                  memory: dict[str, list[list[int]]] | None = None, progress: bool = True) -> TrainOutcome:
-    """Train the task's trainable set (shared expert, its dedicated expert and head, gates, discriminators)."""
+def dev_accuracy(
+    model: MoECLModel, tokenizer, task_id: str, records: list[Record], params: Params, accelerator=None
+) -> float:
+    """Accuracy on the dev records. With several processes, each predicts whole evaluation batches (the same
+    batches one process would run) round-robin, and the correct counts are summed: every process gets the same
+    number."""
+    bs = params.evaluate.batch_size
+
+    def labels(recs: list[Record]) -> list[str]:
+        if not recs:
+            return []
+        preds = predict(
+            model,
+            tokenizer,
+            task_id,
+            [r.text for r in recs],
+            max_length=params.train.max_length,
+            batch_size=bs,
+            instruction_eval=params.evaluate.instruction_eval,
+            max_new_tokens=params.evaluate.max_new_tokens,
+        )
+        return [p.label for p in preds]
+
+    if accelerator is None or accelerator.num_processes == 1 or not records:
+        return accuracy(labels(records), [r.label for r in records])
+    chunks = [records[i : i + bs] for i in range(0, len(records), bs)]
+    mine = [r for chunk in chunks[accelerator.process_index :: accelerator.num_processes] for r in chunk]
+    correct = sum(p == r.label for p, r in zip(labels(mine), mine))
+    total = accelerator.reduce(torch.tensor([correct], device=accelerator.device), reduction="sum")
+    return int(total.item()) / len(records)
+
+
+def train_on_task(
+    model: MoECLModel,
+    tokenizer,
+    task: TaskData,
+    params: Params,
+    *,
+    memory: dict[str, list[list[int]]] | None = None,
+    progress: bool = True,
+    accelerator=None,
+) -> TrainOutcome:
+    """Train the task's trainable set (shared expert, its dedicated expert and head, gates, discriminators).
+
+    `accelerator`: an accelerate.Accelerator to train with (data parallel over its processes, mixed precision);
+    under a distributed launch one is made when none is given; otherwise the plain single-process loop.
+    """
     cfg, method = params.train, params.method
-    device = model.layers[0].base.down_proj.weight.device
+    if accelerator is None and under_distributed_launch():
+        accelerator = make_accelerator(cfg.mixed_precision)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     records = stratified_sample(task.train, cfg.max_train_examples, cfg.seed)
     if task.dev:
         train_records, dev_records = records, list(task.dev)
@@ -101,6 +169,12 @@ def train_on_task(model: MoECLModel, tokenizer, task: TaskData, params: Params, 
 
     trainable = model.trainable_parameters(task.task_id)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = model  # what the training forward passes go through: the model, or its DDP wrapper
+    if accelerator is not None:
+        net, optimizer = accelerator.prepare(model, optimizer)  # moves the model to the process's device
+        if rank > 0:  # dropout: each process its own masks (the batch order has its own generator below)
+            torch.manual_seed(cfg.seed + rank)
+    device = model.layers[0].base.down_proj.weight.device
     generator = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = max(1, math.ceil(len(items) / cfg.batch_size))
     eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
@@ -115,30 +189,58 @@ def train_on_task(model: MoECLModel, tokenizer, task: TaskData, params: Params, 
     for _epoch in range(cfg.epochs):
         order = torch.randperm(len(items), generator=generator).tolist()
         for start in range(0, len(order), cfg.batch_size):
-            batch_items = [items[i] for i in order[start: start + cfg.batch_size]]
-            extra = sampler.draw() if sampler else []
-            batch = collate(batch_items + extra, pad, [True] * len(batch_items) + [False] * len(extra)).to(device)
-            model.train()
-            with model.routed(batch.tasks, attention_mask=batch.attention_mask, collect_discriminator=alpha > 0,
-                              reverse_scale=alpha) as routing:
-                task_loss = _task_loss(model, batch, task.task_id)
+            batch_items = [items[i] for i in order[start : start + cfg.batch_size]]
+            extra = sampler.draw() if sampler else []  # the same draws on every process (seeded)
+            batch = collate(batch_items + extra, pad, [True] * len(batch_items) + [False] * len(extra))
+            denominator = None
+            if world > 1:  # this process's rows; losses scaled so that DDP's average is the global batch's
+                share = share_of(len(batch.tasks), rank, world)
+                denominator = _task_targets(batch, model.mode) / world
+                batch = batch.select(share.rows)
+            batch = batch.to(device)
+            net.train()
+            with model.routed(
+                batch.tasks,
+                attention_mask=batch.attention_mask,
+                collect_discriminator=alpha > 0,
+                reverse_scale=alpha,
+            ) as routing:
+                task_loss, _ = _task_loss(net, model.mode, batch, task.task_id, denominator)
                 named = {}
                 for term in terms:
                     named.update(term(model, batch, routing))
+            if world > 1:
+                if share.empty:
+                    task_loss = task_loss * 0.0
+                if "discriminator" in named:
+                    named["discriminator"] = named["discriminator"] * share.row_weight
             loss = task_loss + sum(named.values()) if named else task_loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if accelerator is not None:
+                accelerator.backward(loss)
+            else:
+                loss.backward()
             optimizer.step()
             step += 1
+            l_task = float(task_loss.detach())
             l_adv = float(named["discriminator"].detach()) if "discriminator" in named else 0.0
-            penalty = float(sum(v.detach() for k, v in named.items() if k != "discriminator")) if named else 0.0
-            losses = StepLosses(total=float(task_loss.detach()) - alpha * l_adv + penalty,
-                                task=float(task_loss.detach()), adversarial=-alpha * l_adv, discriminator=l_adv)
+            penalty = (
+                float(sum(v.detach() for k, v in named.items() if k != "discriminator")) if named else 0.0
+            )
+            if world > 1:  # the global batch's losses: the mean over processes of the scaled shares
+                global_losses = torch.tensor([l_task, l_adv, penalty], device=device)
+                l_task, l_adv, penalty = accelerator.reduce(global_losses, reduction="mean").tolist()
+            losses = StepLosses(
+                total=l_task - alpha * l_adv + penalty,
+                task=l_task,
+                adversarial=-alpha * l_adv,
+                discriminator=l_adv,
+            )
             outcome.losses.append(losses)
             bar.update(1)
             bar.set_postfix(task=f"{losses.task:.3f}", disc=f"{losses.discriminator:.3f}")
             if dev_records and (step % eval_every == 0 or step == total_steps):
-                acc = dev_accuracy(model, tokenizer, task.task_id, dev_records, params)
+                acc = dev_accuracy(model, tokenizer, task.task_id, dev_records, params, accelerator)
                 outcome.dev_accuracy.append((step, acc))
                 if best_state is None or acc > outcome.best_dev_accuracy:
                     outcome.best_dev_accuracy, outcome.best_step = acc, step
@@ -150,6 +252,8 @@ def train_on_task(model: MoECLModel, tokenizer, task: TaskData, params: Params, 
                 p.copy_(saved)
     else:
         outcome.best_step = step
+    if accelerator is not None:
+        accelerator.unwrap_model(net, keep_fp32_wrapper=False)  # gives the model back its own forward
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()

@@ -3,6 +3,9 @@
 New task: a fresh dedicated expert (and head) is added; the step trains it with the shared expert, the gates
 and the discriminators. A new data version of a KNOWN task continues that task's own expert. Every other
 task's expert and head receive no gradient and their files are carried over byte-identical.
+
+Under a distributed launch (moecl/train/launch.py) every process runs this function: all of them train, only
+the main process evaluates and writes the bank, and the others wait for it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from moecl.model.base import BaseSpec
 from moecl.model.encoding import Encoder
 from moecl.model.moecl_model import TaskInfo
 from moecl.sampling import stratified_sample
+from moecl.train.distributed import make_accelerator, under_distributed_launch
 from moecl.train.loop import StepLosses, TrainOutcome, train_on_task
 
 
@@ -70,15 +74,27 @@ def _test_records(task: TaskData, params: Params):
     return stratified_sample(task.test, params.evaluate.max_test_examples, params.train.seed)
 
 
-def run_step(params: Params, task: TaskData, *, base: BaseSpec, out_bank: str | Path,
-             parent_bank: str | Path | None = None, lineage: dict | None = None, progress: bool = True,
-             eval_tasks: dict[str, TaskData] | None = None, zero_shot: float | None = None) -> StepResult:
+def run_step(
+    params: Params,
+    task: TaskData,
+    *,
+    base: BaseSpec,
+    out_bank: str | Path,
+    parent_bank: str | Path | None = None,
+    lineage: dict | None = None,
+    progress: bool = True,
+    eval_tasks: dict[str, TaskData] | None = None,
+    zero_shot: float | None = None,
+    accelerator=None,
+) -> StepResult:
     """Train `task` from `parent_bank` into the new bank `out_bank`.
 
     With `eval_tasks` (test data of the bank's other tasks) the step also evaluates every task after training
     and stores that row of the accuracy matrix in the bank, so each bank carries its full history.
     `zero_shot`: b_i already measured by the caller on the same test records (in instruction mode the
     untrained model is the same for every method, so a benchmark scores it once); None scores it here.
+    `accelerator`: train with this accelerate.Accelerator (made here under a distributed launch); only its main
+    process evaluates and writes `out_bank`, then every process waits for it.
     """
     from moecl.evaluate import evaluate_model, task_accuracy
 
@@ -89,14 +105,19 @@ def run_step(params: Params, task: TaskData, *, base: BaseSpec, out_bank: str | 
     out_bank = Path(out_bank)
     if out_bank.exists():
         raise BankError(f"{out_bank}: already exists; banks are immutable, choose a new directory")
+    if accelerator is None and under_distributed_launch():
+        accelerator = make_accelerator(params.train.mixed_precision)
+    main = accelerator is None or accelerator.is_main_process
     seed_everything(params.train.seed)
     if parent_bank is not None:
         loaded = load_bank(parent_bank, base)
         model, tokenizer, memory = loaded.model, loaded.tokenizer, dict(loaded.memory)
         for key in ("name", "mode"):
             if getattr(model.method, key) != getattr(params.method, key):
-                raise MoeclError(f"params method.{key}={getattr(params.method, key)!r} but the bank {parent_bank} "
-                                 f"was built with {getattr(model.method, key)!r}; start a new bank to change it")
+                raise MoeclError(
+                    f"params method.{key}={getattr(params.method, key)!r} but the bank {parent_bank} "
+                    f"was built with {getattr(model.method, key)!r}; start a new bank to change it"
+                )
         model.method.adv_alpha = params.method.adv_alpha
         model.method.memory_per_task = params.method.memory_per_task
         steps = list(loaded.manifest.get("steps", []))
@@ -109,42 +130,85 @@ def run_step(params: Params, task: TaskData, *, base: BaseSpec, out_bank: str | 
     if new_task:
         model.add_task(TaskInfo(task.task_id, list(task.labels), task.instruction, task.positive_label))
     elif model.task(task.task_id).labels != list(task.labels):
-        raise MoeclError(f"task {task.task_id!r}: labels changed from {model.task(task.task_id).labels} to "
-                         f"{task.labels}; a task's labels are fixed once learned (use a new task id)")
+        raise MoeclError(
+            f"task {task.task_id!r}: labels changed from {model.task(task.task_id).labels} to "
+            f"{task.labels}; a task's labels are fixed once learned (use a new task id)"
+        )
+    if accelerator is not None:  # after add_task: a new expert is initialised on the CPU, whatever the device
+        model.to(accelerator.device)
 
     history = parent_history(parent_bank)
     result_before = result_zero = None
-    if new_task and params.evaluate.fwt:
+    if main and new_task and params.evaluate.fwt:
         test = _test_records(task, params)
         result_before = task_accuracy(model, tokenizer, task.task_id, test, params)
-        result_zero = zero_shot if zero_shot is not None else task_accuracy(
-            model, tokenizer, task.task_id, test, params, disabled=True)
+        result_zero = (
+            zero_shot
+            if zero_shot is not None
+            else task_accuracy(model, tokenizer, task.task_id, test, params, disabled=True)
+        )
         history["before_training"] = {**history["before_training"], task.task_id: result_before}
         history["zero_shot"] = {**history["zero_shot"], task.task_id: result_zero}
 
-    outcome = train_on_task(model, tokenizer, task, params, memory=memory, progress=progress)
+    outcome = train_on_task(
+        model, tokenizer, task, params, memory=memory, progress=progress and main, accelerator=accelerator
+    )
+    if not main:  # the main process evaluates and writes the bank
+        accelerator.wait_for_everyone()
+        return StepResult(
+            out_bank,
+            task.task_id,
+            new_task,
+            outcome.final_losses,
+            outcome.best_dev_accuracy,
+            seconds=time.perf_counter() - started,
+            outcome=outcome,
+        )
 
     if eval_tasks is not None:
-        row, stripping, _ = evaluate_model(model, tokenizer, {**eval_tasks, task.task_id: task}, params,
-                                           progress=progress)
+        row, stripping, _ = evaluate_model(
+            model, tokenizer, {**eval_tasks, task.task_id: task}, params, progress=progress
+        )
         history["matrix"] = list(history["matrix"]) + [row]
         history["stripping_rate"] = stripping
 
     if params.method.memory_per_task > 0 and model.has_discriminator:
-        encoder = Encoder(tokenizer, task.task_id, task.labels, task.instruction, model.mode, params.train.max_length)
+        encoder = Encoder(
+            tokenizer, task.task_id, task.labels, task.instruction, model.mode, params.train.max_length
+        )
         kept = stratified_sample(task.train, params.method.memory_per_task, params.train.seed)
         memory[task.task_id] = [encoder.encode(r.text, with_answer=False).input_ids for r in kept]
 
     summary = {
         "final_losses": outcome.final_losses._asdict() if outcome.final_losses else None,
-        "best_dev_accuracy": outcome.best_dev_accuracy, "best_step": outcome.best_step,
-        "optimisation_steps": len(outcome.losses), "train_examples": outcome.train_examples,
+        "best_dev_accuracy": outcome.best_dev_accuracy,
+        "best_step": outcome.best_step,
+        "optimisation_steps": len(outcome.losses),
+        "train_examples": outcome.train_examples,
         "dev_examples": outcome.dev_examples,
     }
-    save_bank(model, out_bank, base=base, trained_task=task.task_id, parent_dir=parent_bank,
-              steps=steps + [task.task_id], history=history,
-              lineage={"data_hash": task.content_hash(), "params": params.to_dict(), **(lineage or {})},
-              memory={task.task_id: memory[task.task_id]} if task.task_id in memory else None,
-              train_summary=summary)
-    return StepResult(out_bank, task.task_id, new_task, outcome.final_losses, outcome.best_dev_accuracy,
-                      result_before, result_zero, time.perf_counter() - started, outcome)
+    save_bank(
+        model,
+        out_bank,
+        base=base,
+        trained_task=task.task_id,
+        parent_dir=parent_bank,
+        steps=steps + [task.task_id],
+        history=history,
+        lineage={"data_hash": task.content_hash(), "params": params.to_dict(), **(lineage or {})},
+        memory={task.task_id: memory[task.task_id]} if task.task_id in memory else None,
+        train_summary=summary,
+    )
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return StepResult(
+        out_bank,
+        task.task_id,
+        new_task,
+        outcome.final_losses,
+        outcome.best_dev_accuracy,
+        result_before,
+        result_zero,
+        time.perf_counter() - started,
+        outcome,
+    )

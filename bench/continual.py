@@ -1,0 +1,120 @@
+"""One continual-learning run (method x mode x order) through the library's own step and evaluation.
+
+Each task of the order is one `run_step` from the previous bank; each new bank is evaluated with
+`evaluate_bank` on only the cells the metrics read: the task just learned (the diagonal R[i][i]) after each
+step, every task after the last step (the final row). The step itself scores the new task just before
+training (R[i-1][i]) and on the untrained model (b_i) for FWT. ACC/BWT/FWT come from moecl.metrics.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench.params import method_params
+from moecl.data.task import TaskData
+from moecl.evaluate import evaluate_bank, metrics_of
+from moecl.model.base import BaseSpec
+from moecl.train.step import run_step
+
+
+@dataclass
+class RunResult:
+    method: str
+    mode: str
+    order: str
+    tasks: list[str]
+    metrics: dict  # ContinualMetrics.as_dict(): acc, bwt, fwt, per_task, matrix, before_training, zero_shot
+    steps: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "mode": self.mode,
+            "order": self.order,
+            "tasks": self.tasks,
+            "acc": self.metrics.get("acc"),
+            "bwt": self.metrics.get("bwt"),
+            "fwt": self.metrics.get("fwt"),
+            "metrics": self.metrics,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def run_continual(
+    preset,
+    method: str,
+    mode: str,
+    order_name: str,
+    order: list[str],
+    tasks: dict[str, TaskData],
+    base: BaseSpec,
+    workdir: Path,
+    *,
+    model_cfg=None,
+    zero_shot_cache: dict | None = None,
+    keep_banks: bool = False,
+    progress: bool = False,
+) -> RunResult:
+    """Train the order's tasks one after the other; return the metrics and per-step timings.
+
+    `zero_shot_cache` (task -> b_i) is filled and reused across methods in instruction mode, where the
+    untrained model's greedy answers do not depend on the method (in classifier mode b_i goes through the
+    new task's freshly initialised head, which does, so it is scored per run).
+    """
+    params = method_params(preset, method, mode, model_cfg)
+    run_dir = workdir / f"{method}-{mode}-{order_name}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    started = time.perf_counter()
+    parent, record, steps = None, None, []
+    share_zero_shot = mode == "instruction" and zero_shot_cache is not None
+    for i, task_id in enumerate(order):
+        bank = run_dir / f"{i}-{task_id}"
+        t0 = time.perf_counter()
+        cached = zero_shot_cache.get(task_id) if share_zero_shot else None
+        result = run_step(
+            params,
+            tasks[task_id],
+            base=base,
+            out_bank=bank,
+            parent_bank=parent,
+            progress=progress,
+            zero_shot=cached,
+        )
+        if share_zero_shot and cached is None and result.zero_shot is not None:
+            zero_shot_cache[task_id] = result.zero_shot
+        t1 = time.perf_counter()
+        last = i == len(order) - 1
+        seen = {t: tasks[t] for t in order[: i + 1]}
+        record = evaluate_bank(bank, base, seen, params, progress=progress, only=None if last else [task_id])
+        t2 = time.perf_counter()
+        losses = result.losses._asdict() if result.losses else None
+        steps.append(
+            {
+                "task": task_id,
+                "step_seconds": round(t1 - t0, 2),
+                "eval_seconds": round(t2 - t1, 2),
+                "optimisation_steps": len(result.outcome.losses),
+                "train_examples": result.outcome.train_examples,
+                "dev_examples": result.outcome.dev_examples,
+                "best_dev_accuracy": _num(result.best_dev_accuracy),
+                "final_losses": {k: _num(v) for k, v in losses.items()} if losses else None,
+            }
+        )
+        parent = bank
+    metrics = metrics_of(record).as_dict()
+    if not keep_banks:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return RunResult(method, mode, order_name, list(order), metrics, steps, time.perf_counter() - started)
+
+
+def _num(value):
+    if value is None:
+        return None
+    value = float(value)
+    return None if value != value else round(value, 6)

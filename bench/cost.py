@@ -1,0 +1,335 @@
+"""What each method costs: training step time, inference latency, peak memory, and growth with the task count.
+
+Each figure times the library's own forward pass (MoECLModel under `routed`), its loss terms (the adversarial
+term, O-LoRA's orthogonality penalty) and a plain AdamW step over exactly the parameters a step on the newest
+task trains, on fixed random batches: a few warm-up steps, then the median of N. moecl_mem adds the
+discriminator-memory rows a real step draws (moecl.train.loop.MemorySampler). "mtl" costs what seq_lora costs
+(one shared LoRA; only the heads differ), so it is not timed separately.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bench.params import method_params
+from moecl.bank import new_model
+from moecl.model.base import BaseSpec
+from moecl.model.encoding import IGNORE_INDEX, Encoded, collate, pad_id
+from moecl.model.moecl_model import MoECLModel, TaskInfo
+from moecl.train.loop import MemorySampler
+from moecl.train.terms import build_terms
+
+N_LABELS = 4
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM), so each method gets its own."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _status_mb(key: str) -> float | None:
+    """A memory line of /proc/self/status (VmHWM: peak RSS, VmRSS: current RSS) in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def ru_maxrss_mb() -> float:
+    """The process's peak resident memory over its whole life (kilobytes on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+class PeakMemory:
+    """Peak memory of a block: torch.cuda.max_memory_allocated on CUDA, peak RSS (VmHWM) on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.mb: float | None = None
+        self.before_mb: float | None = (
+            None  # in use when the block starts (the peak minus this: the block's own)
+        )
+        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "peak_rss"
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before_mb = torch.cuda.memory_allocated(self.device) / 2**20
+            return self
+        self.before_mb = _status_mb("VmRSS")
+        if not _reset_peak_rss():
+            self.kind = "ru_maxrss (process lifetime: no per-method reset here)"
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.mb = _status_mb("VmHWM") if self.kind == "peak_rss" else ru_maxrss_mb()
+        return False
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+
+def _device(model: MoECLModel) -> torch.device:
+    return model.layers[0].base.down_proj.weight.device
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def build(base: BaseSpec, preset, method: str, mode: str, n_tasks: int) -> tuple[MoECLModel, object, object]:
+    """A model of `method` that already knows n_tasks synthetic tasks (s0 ... s{n-1}); s{n-1} is the newest."""
+    params = method_params(preset, method, mode)
+    model, tokenizer = new_model(base, params.lora, params.method)
+    for i in range(n_tasks):
+        model.add_task(TaskInfo(f"s{i}", [f"label{k}" for k in range(N_LABELS)], "Classify."))
+    return model, tokenizer, params
+
+
+def fixed_batches(
+    model: MoECLModel,
+    tokenizer,
+    task_id: str,
+    batch_size: int,
+    seq_len: int,
+    count: int,
+    seed: int,
+    memory_per_task: int = 0,
+):
+    """Random-token batches of one task; the last 4 tokens are the 'answer' (instruction mode's LM loss)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(tokenizer)
+    pad = pad_id(tokenizer)
+
+    def row(task: str, label: int = -1) -> Encoded:
+        return Encoded(torch.randint(0, vocab, (seq_len,), generator=g).tolist(), seq_len - 4, label, task)
+
+    # The task rows first, so every method times the same task rows; moecl_mem's memory rows come after.
+    task_rows = [
+        [row(task_id, int(torch.randint(0, N_LABELS, (1,), generator=g))) for _ in range(batch_size)]
+        for _ in range(count)
+    ]
+    sampler = None
+    if memory_per_task and model.has_discriminator:
+        memory = {
+            t: [row(t).input_ids for _ in range(memory_per_task)] for t in model.task_ids if t != task_id
+        }
+        sampler = MemorySampler(memory, task_id, batch_size, seed)
+    batches = []
+    for items in task_rows:
+        extra = sampler.draw() if sampler else []
+        flags = [True] * len(items) + [False] * len(extra)
+        batches.append(collate(items + extra, pad, flags).to(_device(model)))
+    return batches
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def _median(times: list[float]) -> float:
+    return statistics.median(times) if times else float("nan")
+
+
+def task_loss(model: MoECLModel, batch, task_id: str) -> torch.Tensor:
+    """The training loop's task loss: the head's cross-entropy, or the LM loss on the answer tokens; the
+    discriminator-memory rows are ignore indices in both."""
+    if model.mode == "classifier":
+        logits = model.classify(batch.input_ids, batch.attention_mask, task_id)
+        return F.cross_entropy(logits.float(), batch.class_labels, ignore_index=-1)
+    logits = model.lm_logits(batch.input_ids, batch.attention_mask).float()
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        batch.lm_labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+def time_train_steps(
+    model: MoECLModel, params, task_id: str, batches, warmup: int, repeats: int
+) -> list[float]:
+    """Seconds of each timed forward + backward + AdamW step (after `warmup` untimed ones)."""
+    device = _device(model)
+    method = params.method
+    trainable = model.trainable_parameters(task_id)
+    optimizer = torch.optim.AdamW(trainable, lr=params.train.lr, weight_decay=params.train.weight_decay)
+    terms = build_terms(model, task_id, method)
+    alpha = method.adversarial_weight if model.has_discriminator else 0.0
+    model.train()
+    times = []
+    for i in range(warmup + repeats):
+        batch = batches[i % len(batches)]
+        _sync(device)
+        t0 = time.perf_counter()
+        with model.routed(
+            batch.tasks,
+            attention_mask=batch.attention_mask,
+            collect_discriminator=alpha > 0,
+            reverse_scale=alpha,
+        ) as routing:
+            loss = task_loss(model, batch, task_id)
+            for term in terms:
+                for value in term(model, batch, routing).values():
+                    loss = loss + value
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return times
+
+
+@torch.no_grad()
+def time_inference(
+    model: MoECLModel, task_id: str, input_ids, attention_mask, warmup: int, repeats: int
+) -> list[float]:
+    """Seconds of each timed forward pass over these rows of one task: the head's logits (classifier), or the
+    LM logits over the prompt (instruction: what generation's prefill costs)."""
+    device = _device(model)
+    tasks = [task_id] * input_ids.shape[0]
+    model.eval()
+    times = []
+    for i in range(warmup + repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        with model.routed(tasks):
+            if model.mode == "classifier":
+                model.classify(input_ids, attention_mask, task_id)
+            else:
+                model.lm_logits(input_ids, attention_mask)
+        _sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _is_big(model: MoECLModel) -> bool:
+    return sum(p.numel() for p in model.parameters()) > 10_000_000
+
+
+def _collect(big: bool) -> None:
+    """Give a large model's memory back before the next one is built (a full gc costs ~0.2 s: skipped for tiny
+    models, which refcounting frees anyway)."""
+    if big:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def measure_method(
+    base: BaseSpec, preset, method: str, mode: str, n_tasks: int, *, inference: bool = True
+) -> dict:
+    cost = preset.cost
+    model, tokenizer, params = build(base, preset, method, mode, n_tasks)
+    task_id = f"s{n_tasks - 1}"
+    memory = params.method.memory_per_task
+    batches = fixed_batches(model, tokenizer, task_id, cost.batch_size, cost.seq_len, 2, preset.seed, memory)
+    device = _device(model)
+    with PeakMemory(device) as peak:
+        train = time_train_steps(model, params, task_id, batches, cost.warmup, cost.repeats)
+    out = {
+        "method": method,
+        "mode": mode,
+        "tasks": n_tasks,
+        "train_step_s": round(_median(train), 5),
+        "train_step_all_s": [round(t, 5) for t in train],
+        "batch_rows": int(batches[0].input_ids.shape[0]),
+        "peak_memory_mb": _round1(peak.mb),
+        "memory_before_mb": _round1(peak.before_mb),
+        "peak_memory_kind": peak.kind,
+    }
+    if inference:
+        ids, mask = batches[0].input_ids[: cost.batch_size], batches[0].attention_mask[: cost.batch_size]
+        batched = time_inference(model, task_id, ids, mask, cost.warmup, cost.repeats)
+        single = time_inference(model, task_id, ids[:1], mask[:1], cost.warmup, cost.repeats)
+        out["latency_ms_per_sample"] = round(1000 * _median(batched) / cost.batch_size, 4)
+        out["latency_ms_batch1"] = round(1000 * _median(single), 4)
+    big = _is_big(model)
+    del model, batches
+    _collect(big)
+    return out
+
+
+def _round1(value):
+    return None if value is None else round(value, 1)
+
+
+def _ratio(value, reference):
+    if value is None or not reference:
+        return None
+    return round(value / reference, 4)
+
+
+def run_costs(base: BaseSpec, preset, methods: list[str], *, log=print) -> dict:
+    """Every cost figure of the preset: per mode, each method's step/latency/memory and the ratios; scaling."""
+    cost = preset.cost
+    timed = [m for m in methods if m != "mtl"]
+    for reference in ("seq_lora", "per_task_lora"):  # the ratios' denominators are always measured
+        if reference not in timed:
+            timed.insert(0, reference)
+    out = {
+        "settings": {
+            "batch_size": cost.batch_size,
+            "seq_len": cost.seq_len,
+            "warmup": cost.warmup,
+            "repeats": cost.repeats,
+            "tasks": cost.tasks,
+            "threads": torch.get_num_threads(),
+        },
+        "modes": {},
+        "scaling": {},
+    }
+    for mode in cost.modes:
+        rows = []
+        for method in timed:
+            log(f"cost: {mode} {method} ({cost.tasks} tasks)")
+            rows.append(measure_method(base, preset, method, mode, cost.tasks))
+        step_ref = next(r["train_step_s"] for r in rows if r["method"] == "seq_lora")
+        lat_ref = next(r for r in rows if r["method"] == "per_task_lora")
+        for r in rows:
+            r["train_step_vs_seq_lora"] = _ratio(r["train_step_s"], step_ref)
+            r["latency_vs_per_task_lora"] = _ratio(
+                r["latency_ms_per_sample"], lat_ref["latency_ms_per_sample"]
+            )
+            r["latency_b1_vs_per_task_lora"] = _ratio(r["latency_ms_batch1"], lat_ref["latency_ms_batch1"])
+        out["modes"][mode] = rows
+    mode = cost.modes[0]
+    for method in cost.scaling_methods:
+        points = []
+        for n in cost.scaling_tasks:
+            log(f"cost: scaling {mode} {method} with {n} tasks")
+            points.append(measure_method(base, preset, method, mode, n, inference=False))
+        first = points[0]["train_step_s"]
+        for p in points:
+            p["vs_first"] = _ratio(p["train_step_s"], first)
+        out["scaling"][method] = {"mode": mode, "points": points}
+    out["ru_maxrss_mb"] = round(ru_maxrss_mb(), 1)
+    return out

@@ -1,0 +1,292 @@
+"""The benchmark's output: bench/results/<preset>.json (everything) and .md (the tables a reader wants)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+import torch
+
+from bench.presets import METHODS
+
+# ---------------------------------------------------------------------------------------------- facts
+
+
+def hardware() -> dict:
+    info = {
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+    }
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        info["cpu_affinity"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        pass
+    for package in ("transformers", "peft", "tokenizers"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
+    if torch.cuda.is_available():
+        info["cuda"] = torch.version.cuda
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def spread(values: list) -> dict:
+    """Mean, sample standard deviation (None for one value), min, max and count of the non-missing values."""
+    kept = [float(v) for v in values if v is not None]
+    if not kept:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": round(statistics.fmean(kept), 6),
+        "std": round(statistics.stdev(kept), 6) if len(kept) > 1 else None,
+        "min": round(min(kept), 6),
+        "max": round(max(kept), 6),
+        "n": len(kept),
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    """mode -> method -> {acc, bwt, fwt: spread over orders}."""
+    out: dict = {}
+    for run in runs:
+        out.setdefault(run["mode"], {}).setdefault(run["method"], []).append(run)
+    return {
+        mode: {
+            method: {k: spread([r[k] for r in group]) for k in ("acc", "bwt", "fwt")}
+            | {"orders": [r["order"] for r in group]}
+            for method, group in sorted(by_method.items(), key=lambda kv: _method_rank(kv[0]))
+        }
+        for mode, by_method in out.items()
+    }
+
+
+def zero_shot_table(runs: list[dict]) -> dict:
+    """mode -> task -> b_i (instruction mode: one value for all methods; classifier mode: per method)."""
+    out: dict = {}
+    for run in runs:
+        for task, value in (run["metrics"].get("zero_shot") or {}).items():
+            out.setdefault(run["mode"], {}).setdefault(task, {})[run["method"]] = value
+    return {
+        mode: {
+            task: (next(iter(set(v.values()))) if len(set(v.values())) == 1 else v)
+            for task, v in tasks.items()
+        }
+        for mode, tasks in out.items()
+    }
+
+
+def _method_rank(method: str) -> int:
+    return METHODS.index(method) if method in METHODS else len(METHODS)
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def write_results(out_dir: Path, name: str, result: dict) -> tuple[Path, Path]:
+    """Write <name>.json and <name>.md atomically (the run rewrites them after every finished run)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = (out_dir / f"{name}.json", out_dir / f"{name}.md")
+    texts = (json.dumps(result, indent=2, sort_keys=False, default=str), markdown(result))
+    for path, text in zip(paths, texts):
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return paths
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _pm(s: dict) -> str:
+    if s["mean"] is None:
+        return "–"
+    return _fmt(s["mean"]) + (f" ± {s['std']:.3f}" if s["std"] is not None else "")
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        f"# moecl benchmark: preset `{result['preset']}`",
+        "",
+        f"{result['config'].get('description', '')}",
+        "",
+        f"- command: `{result['command']}`",
+        f"- started: {result['started']}",
+        f"- wall time: {_fmt(result.get('wall_seconds'), 1)} s"
+        + ("" if result.get("finished") else " (in progress or interrupted: partial results)"),
+        f"- backbone: {result.get('backbone', {}).get('name')} "
+        f"({result.get('backbone', {}).get('dtype', '?')}, sha256 {str(result.get('backbone', {}).get('sha256'))[:12]})",
+        f"- hardware: {result['hardware'].get('cpu')}, {result['hardware'].get('torch_threads')} torch threads"
+        + (f", GPU {result['hardware']['gpu']}" if result["hardware"].get("gpu") else "")
+        + f"; torch {result['hardware'].get('torch')}, transformers {result['hardware'].get('transformers')}",
+        "",
+    ]
+    if result.get("not_run"):
+        skipped = ", ".join(f"{r['method']}/{r['mode']}/{r['order']}" for r in result["not_run"])
+        lines.append(f"> Not run ({result['not_run'][0]['why']}): {skipped}")
+        lines.append("")
+    for note in result.get("notes", []):
+        lines.append(f"> {note}")
+    if result.get("notes"):
+        lines.append("")
+    lines += [
+        "## Accuracy (ACC), backward transfer (BWT), forward transfer (FWT)",
+        "",
+        "Mean ± sample std over the task orders run. `mtl` is the joint multi-task upper bound (not continual).",
+        "",
+    ]
+    for mode, methods in result.get("summary", {}).items():
+        lines += [f"### {mode} mode", ""]
+        rows = [
+            [m, _pm(s["acc"]), _pm(s["bwt"]), _pm(s["fwt"]), ", ".join(s["orders"])]
+            for m, s in methods.items()
+        ]
+        lines += _table(["method", "ACC", "BWT", "FWT", "orders"], rows) + [""]
+    zero = result.get("zero_shot", {})
+    if zero:
+        lines += ["## Zero-shot accuracy of the untrained model (b_i)", ""]
+        for mode, tasks in zero.items():
+            shown = {
+                t: (
+                    v if not isinstance(v, dict) else statistics.fmean(x for x in v.values() if x is not None)
+                )
+                for t, v in tasks.items()
+            }
+            lines += [
+                f"{mode}: "
+                + ", ".join(f"{t} {_fmt(v)}" for t, v in shown.items())
+                + (
+                    " (classifier mode: through each run's fresh random head; mean over methods)"
+                    if mode == "classifier"
+                    else ""
+                ),
+                "",
+            ]
+    if result.get("runs"):
+        lines += [
+            "## Accuracy matrices",
+            "",
+            "R[i][j] = accuracy on task j after training the i-th task; only the cells the metrics read are "
+            "evaluated (the diagonal, the final row), `–` elsewhere. `before` = R[i-1][i], `b` = zero-shot.",
+            "",
+        ]
+    for run in result.get("runs", []):
+        m = run["metrics"]
+        order = m["order"]
+        lines += [
+            f"**{run['method']} · {run['mode']} · {run['order']}** — ACC {_fmt(run['acc'])}, "
+            f"BWT {_fmt(run['bwt'])}, FWT {_fmt(run['fwt'])}, {_fmt(run['seconds'], 0)} s",
+            "",
+        ]
+        header = ["after"] + order
+        rows = [
+            [m["steps"][i] if i < len(m["steps"]) else "joint"] + row for i, row in enumerate(m["matrix"])
+        ]
+        if m.get("before_training"):
+            rows.append(["before"] + [m["before_training"].get(t) for t in order])
+        if m.get("zero_shot"):
+            rows.append(["b"] + [m["zero_shot"].get(t) for t in order])
+        lines += _table(header, rows) + [""]
+    cost = result.get("cost")
+    if cost:
+        lines += _cost_markdown(cost)
+    lines += ["## Preset", "", "```json", json.dumps(result["config"], indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def _g(value) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def _x(value) -> str:
+    return "–" if value is None else f"{value:.2f}x"
+
+
+def _mb(value) -> str:
+    return "–" if value is None else f"{value:.0f}"
+
+
+def _cost_markdown(cost: dict) -> list[str]:
+    s = cost["settings"]
+    lines = [
+        "## Cost",
+        "",
+        f"Fixed random batches of {s['batch_size']} x {s['seq_len']} tokens, {s['tasks']} tasks in the model, "
+        f"{s['warmup']} warm-up steps then the median of {s['repeats']}; {s['threads']} torch threads. "
+        "Train step = forward + backward + AdamW on what a step on the newest task trains. Latency = one "
+        "forward pass (classifier: head logits; instruction: LM logits, i.e. the prompt's prefill). moecl_mem's "
+        "batches carry the discriminator-memory rows. mtl costs what seq_lora costs.",
+        "",
+    ]
+    for mode, rows in cost["modes"].items():
+        lines += [f"### {mode} mode", ""]
+        table = [
+            [
+                r["method"],
+                _g(r["train_step_s"]),
+                _x(r["train_step_vs_seq_lora"]),
+                _g(r["latency_ms_per_sample"]),
+                _x(r["latency_vs_per_task_lora"]),
+                _g(r["latency_ms_batch1"]),
+                _x(r["latency_b1_vs_per_task_lora"]),
+                _mb(r["peak_memory_mb"]),
+                _mb(r["memory_before_mb"]),
+            ]
+            for r in rows
+        ]
+        lines += _table(
+            [
+                "method",
+                "step s",
+                "step / seq_lora",
+                "latency ms/sample",
+                "latency / per_task",
+                "latency ms (batch 1)",
+                "batch-1 / per_task",
+                "peak MiB",
+                "MiB before",
+            ],
+            table,
+        ) + [""]
+    for method, block in cost.get("scaling", {}).items():
+        lines += [f"### Step time against the number of tasks: {method} ({block['mode']} mode)", ""]
+        lines += _table(
+            ["tasks", "step s", "vs 1 task", "peak MiB"],
+            [
+                [p["tasks"], _g(p["train_step_s"]), _x(p["vs_first"]), _mb(p["peak_memory_mb"])]
+                for p in block["points"]
+            ],
+        )
+        lines.append("")
+    kind = next((r["peak_memory_kind"] for rows in cost["modes"].values() for r in rows), "")
+    lines += [f"Peak memory: {kind}; process ru_maxrss {cost.get('ru_maxrss_mb')} MiB.", ""]
+    return lines

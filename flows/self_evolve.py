@@ -1,0 +1,344 @@
+"""The self-evolution flow: for each new dataset version, validate -> drift -> CL step -> evaluate -> gate ->
+promote or reject, as Prefect tasks over the moecl.evolve library functions (no logic of its own).
+
+`self_evolve` finds the pending dataset versions (or takes the one it is given) and runs one sub-flow run,
+`process_dataset_version`, per version in landing order, named `<task>@<data version>`. Each sub-run holds the
+Prefect global concurrency slot `moecl-workspace` and the workspace's file lock while it works, so nothing else
+touches the registry, banks and metrics meanwhile, and publishes its artifacts (see flows/artifacts.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from prefect import flow, get_run_logger, tags, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+from prefect.runtime import flow_run
+from prefect.states import Completed, Failed
+
+from flows import artifacts as art
+from moecl import evolve
+from moecl.config import Params, load_params
+from moecl.data.validate import DataValidationError
+from moecl.registry import Registry
+
+WORKSPACE_LIMIT = "moecl-workspace"
+VERSION_FLOW = "process-dataset-version"
+EVOLVE_FLOW = "self-evolve"
+
+# A BaseSpec to use instead of resolving params `model:` (tests inject a tiny in-memory model; it is not a flow
+# parameter because a loader function cannot be serialised into a flow run's parameters).
+_base_override = None
+
+
+class VersionsFailed(Exception):
+    """Some dataset versions of a self_evolve run failed; `.results` has every version's row."""
+
+    def __init__(self, message: str, results: list[dict]):
+        super().__init__(message)
+        self.results = results
+
+
+@contextmanager
+def injected_base(base) -> Iterator[None]:
+    """Run flows in this process on `base` (a moecl.model.base.BaseSpec) instead of params `model:`."""
+    global _base_override
+    previous, _base_override = _base_override, base
+    try:
+        yield
+    finally:
+        _base_override = previous
+
+
+def _io_error(task, task_run, state) -> bool:
+    """Retry only what a second try may fix: an I/O error. Invalid data or a code error fails at once."""
+    try:
+        state.result()
+    except OSError:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+IO_RETRIES: dict[str, Any] = {"retries": 2, "retry_delay_seconds": 3, "retry_condition_fn": _io_error}
+# Stage results (models, datasets, metrics) stay in memory: never hashed for a cache key, never persisted.
+STAGE: dict[str, Any] = {"cache_policy": NO_CACHE, "persist_result": False}
+
+
+def ensure_workspace_limit(name: str = WORKSPACE_LIMIT, limit: int = 1) -> bool:
+    """Create the global concurrency limit if it does not exist (True if created). Without it,
+    `concurrency(name)` would silently not limit anything: Prefect 3.9 treats a missing limit as no limit."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            pass
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=limit))
+        except ObjectAlreadyExists:  # another process created it meanwhile
+            return False
+        return True
+
+
+@contextmanager
+def workspace(params: Params) -> Iterator[None]:
+    """Exclusive use of the workspace: the Prefect slot first (visible in the UI), then the file lock (which
+    also excludes non-Prefect writers such as `dvc repro`)."""
+    ensure_workspace_limit()
+    with (
+        concurrency(WORKSPACE_LIMIT, occupy=1, strict=True, raise_on_lease_renewal_failure=False),
+        evolve.evolution_lock(params),
+    ):
+        yield
+
+
+# --- the stages as tasks (NO_CACHE: never hash models or datasets) ------------------------------------------------
+@task(name="load-base", **STAGE, **IO_RETRIES)
+def load_base(params: Params):
+    if _base_override is not None:
+        return _base_override
+    from moecl.model.base import base_from_params
+
+    return base_from_params(params.model)
+
+
+@task(name="validate", **STAGE, **IO_RETRIES)
+def validate(params: Params, pending: evolve.PendingVersion):
+    return evolve.validate_version(params, pending)
+
+
+@task(name="load-known-tasks", **STAGE, **IO_RETRIES)
+def load_known_tasks(params: Params, registry: Registry, champion, exclude: str) -> dict:
+    return evolve.load_other_tasks(params, evolve.known_task_ids(registry, champion), exclude=exclude)
+
+
+@task(name="drift", **STAGE, **IO_RETRIES)
+def drift(params: Params, task_data, outputs: evolve.Outputs):
+    return evolve.drift_for_version(params, task_data, outputs)
+
+
+@task(name="train", **STAGE, retries=0)  # never retried: a failed step is looked at, not rerun
+def train(params: Params, task_data, pending: evolve.PendingVersion, base, registry: Registry, others: dict):
+    return evolve.train_challenger(
+        params, task_data, pending, base=base, registry=registry, eval_tasks=others, progress=False
+    )
+
+
+@task(name="evaluate", **STAGE)
+def evaluate(params: Params, bank, base, tasks: dict, outputs: evolve.Outputs):
+    return evolve.evaluate_challenger(params, bank, base, tasks, outputs, progress=False)
+
+
+@task(name="canaries", **STAGE)
+def canaries(params: Params, bank, base, tasks: dict) -> list:
+    return evolve.canary_predictions(params, bank, base, tasks)
+
+
+@task(name="gate", **STAGE)
+def gate(params: Params, task_data, metrics, champion, behaviour, drift_result, outputs: evolve.Outputs):
+    return evolve.gate_challenger(params, task_data, metrics, champion, behaviour, drift_result, outputs)
+
+
+@task(name="record-decision", **STAGE)  # never retried: a second try would register twice
+def record(
+    params: Params,
+    registry: Registry,
+    task_data,
+    pending,
+    bank,
+    metrics,
+    decision,
+    champion,
+    run_id: str | None,
+):
+    return evolve.record_decision(
+        params, registry, task_data, pending, bank, metrics, decision, champion, run_id
+    )
+
+
+@task(name="publish-artifacts", **STAGE, retries=1, retry_delay_seconds=2)
+def publish_artifacts(outcome: dict, champion_per_task: dict | None) -> None:
+    create_markdown_artifact(
+        art.summary_markdown(outcome),
+        key=art.KEY_SUMMARY,
+        description=f"{outcome['task_id']}@{art.short(outcome['data_hash'])}",
+    )
+    create_table_artifact(
+        [art.run_record(outcome)], key=art.KEY_RECORD, description="read by `moecl history`"
+    )
+    metrics = outcome.get("metrics")
+    if metrics:
+        create_table_artifact(
+            art.matrix_rows(metrics),
+            key=art.KEY_MATRIX,
+            description="accuracy after each CL step (rows) on each task (columns)",
+        )
+        create_table_artifact(
+            art.per_task_rows(metrics, champion_per_task),
+            key=art.KEY_PER_TASK,
+            description="final per-task accuracy: challenger vs champion",
+        )
+    if outcome.get("report_path"):
+        create_link_artifact(
+            art.file_uri(outcome["report_path"]),
+            link_text="Evidently data drift report",
+            key=art.KEY_DRIFT_REPORT,
+        )
+    if outcome.get("bank_dir"):
+        create_link_artifact(
+            art.file_uri(outcome["bank_dir"]), link_text=f"bank of {outcome.get('version')}", key=art.KEY_BANK
+        )
+
+
+@task(name="publish-note", **STAGE, retries=1, retry_delay_seconds=2)
+def publish_note(task_id: str, data_version: str, decision: str, markdown: str, reason: str) -> None:
+    """The artifacts of a version that was not processed (invalid data, superseded)."""
+    create_markdown_artifact(
+        markdown, key=art.KEY_SUMMARY, description=f"{task_id}@{art.short(data_version)}: {decision}"
+    )
+    row = art.run_record(
+        {"task_id": task_id, "data_hash": data_version, "decision": decision, "reasons": [reason]}
+    )
+    create_table_artifact([row], key=art.KEY_RECORD, description="read by `moecl history`")
+
+
+@task(name="find-versions", **STAGE, **IO_RETRIES)
+def find_versions(params: Params, task_id: str | None, data_version: str | None) -> list[tuple[str, str]]:
+    """(task_id, data_version) pairs to process, in landing order."""
+    if task_id:
+        return [(task_id, data_version or evolve.version_for(params, task_id).data_hash)]
+    pending = evolve.pending_versions(params, Registry.from_params(params))
+    return [(p.task_id, p.data_hash) for p in pending if data_version in (None, p.data_hash)]
+
+
+# --- one dataset version ------------------------------------------------------------------------------------------
+def _version_run_name() -> str:
+    p = flow_run.parameters
+    return f"{p.get('task_id')}@{art.short(p.get('data_version'))}"
+
+
+def _process(params: Params, pending: evolve.PendingVersion, registry: Registry, outputs: evolve.Outputs):
+    """The stages in order: the same path as moecl.evolve.process_version, one Prefect task per stage."""
+    champion = registry.champion()
+    before = champion.version if champion else None
+    done = registry.processed(pending.task_id, pending.data_hash)
+    if done is not None:
+        return evolve.skipped_outcome(pending, done, before), None
+    task_data = validate(params, pending)
+    base = load_base(params)
+    others = load_known_tasks(params, registry, champion, exclude=task_data.task_id)
+    drift_result = drift(params, task_data, outputs)
+    bank = train(params, task_data, pending, base, registry, others)
+    metrics = evaluate(params, bank, base, {**others, task_data.task_id: task_data}, outputs)
+    behaviour = None
+    if champion is not None and others:
+        behaviour = (
+            canaries(params, registry.bank_path(champion), base, others),
+            canaries(params, bank, base, others),
+        )
+    decision = gate(params, task_data, metrics, champion, behaviour, drift_result, outputs)
+    rec = record(params, registry, task_data, pending, bank, metrics, decision, champion, flow_run.id)
+    outcome = evolve.decided_outcome(pending, bank, metrics, decision, drift_result, rec, before, registry)
+    return outcome, (champion.metrics or {}).get("per_task") if champion else None
+
+
+@flow(name=VERSION_FLOW, flow_run_name=_version_run_name, log_prints=True)
+def process_dataset_version(
+    task_id: str,
+    data_version: str | None = None,
+    params_path: str = "params.yaml",
+    overrides: list[str] | None = None,
+):
+    """One dataset version of one task through the whole path; returns the outcome as a dict."""
+    logger = get_run_logger()
+    params = load_params(params_path, overrides)
+    registry = Registry.from_params(params)
+    with workspace(params):
+        # hashed under the lock: a run that waited for another one sees the folder as it is now
+        pending = evolve.version_for(params, task_id)
+        if data_version and pending.data_hash != data_version:
+            reason = f"the workspace holds {pending.data_hash}, processed by its own run"
+            logger.warning("%s@%s: superseded: %s", task_id, art.short(data_version), reason)
+            markdown = art.superseded_markdown(task_id, data_version, pending.data_hash)
+            publish_note(task_id, data_version, "superseded", markdown, reason)
+            return {
+                "task_id": task_id,
+                "data_hash": data_version,
+                "decision": "superseded",
+                "reasons": [reason],
+            }
+        try:
+            outcome, champion_per_task = _process(params, pending, registry, evolve.Outputs())
+        except DataValidationError as exc:
+            logger.error("%s", exc)
+            markdown = art.invalid_markdown(task_id, pending.data_hash, str(exc))
+            publish_note(task_id, pending.data_hash, "invalid", markdown, str(exc))
+            return Failed(message=f"invalid data: {exc}")
+    result = outcome.to_dict()
+    logger.info(
+        "%s@%s: %s (%s); champion %s -> %s",
+        task_id,
+        art.short(pending.data_hash),
+        outcome.decision,
+        "; ".join(outcome.reasons),
+        outcome.champion_before,
+        outcome.champion_after,
+    )
+    state = publish_artifacts(result, champion_per_task, return_state=True)
+    if state.is_failed():  # the decision is recorded: reporting trouble must not turn it into a failure
+        logger.warning("could not publish the artifacts: %s", state.message)
+    return Completed(message=f"{outcome.decision}: {'; '.join(outcome.reasons)}"[:500], data=result)
+
+
+# --- every pending version ----------------------------------------------------------------------------------------
+def _evolve_run_name() -> str:
+    p = flow_run.parameters
+    if p.get("task_id"):
+        return f"evolve-{p['task_id']}" + (
+            f"@{art.short(p['data_version'])}" if p.get("data_version") else ""
+        )
+    return "evolve-pending" if not p.get("data_version") else f"evolve-@{art.short(p['data_version'])}"
+
+
+@flow(name=EVOLVE_FLOW, flow_run_name=_evolve_run_name, log_prints=True)
+def self_evolve(
+    params_path: str = "params.yaml",
+    task_id: str | None = None,
+    data_version: str | None = None,
+    overrides: list[str] | None = None,
+):
+    """Process the pending dataset versions (or the one named), in landing order, one sub-run each."""
+    logger = get_run_logger()
+    task_id, data_version = task_id or None, data_version or None  # a trigger renders a missing field as ""
+    params = load_params(params_path, overrides)
+    versions = find_versions(params, task_id, data_version)
+    if not versions:
+        logger.info("nothing to do: no pending dataset version%s", f" of {task_id}" if task_id else "")
+    results = []
+    for tid, version in versions:
+        with tags("moecl", f"task:{tid}"):
+            state = process_dataset_version(tid, version, params_path, overrides, return_state=True)
+        outcome = state.result(raise_on_failure=False)
+        row = {"task_id": tid, "data_version": version, "state": state.name, "message": state.message}
+        if isinstance(outcome, dict):
+            row.update(
+                {k: outcome.get(k) for k in ("decision", "version", "champion_before", "champion_after")}
+            )
+        results.append(row)
+    create_markdown_artifact(art.batch_markdown(results), key=art.KEY_BATCH)
+    failed = [r for r in results if r["state"] != "Completed"]
+    if failed:
+        names = ", ".join(f"{r['task_id']}@{art.short(r['data_version'])}" for r in failed)
+        message = f"{len(failed)} of {len(results)} dataset version(s) failed: {names}"
+        return Failed(message=message, data=VersionsFailed(message, results))
+    return results

@@ -1,0 +1,120 @@
+"""The smoke benchmark end to end: every method, both modes, two orders and the cost figures, in seconds."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from bench.presets import METHODS, SYNTHETIC_ORDERS
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[dict, Path]:
+    from bench.run import main
+
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["--preset", "smoke", "--out", str(out), "--quiet"]) == 0
+    return json.loads((out / "smoke.json").read_text()), out
+
+
+def _is_score(value) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value) and -1.0 <= value <= 1.0
+
+
+def test_every_method_mode_and_order_ran(smoke) -> None:
+    result, _ = smoke
+    assert result["finished"] and not result["errors"]
+    runs = {(r["method"], r["mode"], r["order"]) for r in result["runs"]}
+    for mode in ("classifier", "instruction"):
+        for method in METHODS:
+            orders = ["joint"] if method == "mtl" else list(SYNTHETIC_ORDERS)
+            assert {(method, mode, o) for o in orders} <= runs
+
+
+def test_metrics_matrices_and_zero_shot(smoke) -> None:
+    result, _ = smoke
+    for run in result["runs"]:
+        m = run["metrics"]
+        assert _is_score(run["acc"]) and run["acc"] >= 0
+        if run["method"] == "mtl":
+            assert run["bwt"] is None and run["fwt"] is None and len(m["matrix"]) == 1
+            continue
+        assert _is_score(run["bwt"]) and _is_score(run["fwt"])
+        tasks = run["tasks"]
+        assert m["order"] == tasks and len(m["matrix"]) == len(tasks)
+        # Only the cells the metrics read: the diagonal after each step, every task after the last.
+        for i, row in enumerate(m["matrix"][:-1]):
+            assert [cell is not None for cell in row] == [j == i for j in range(len(tasks))]
+        assert all(_is_score(cell) for cell in m["matrix"][-1])
+        assert set(m["before_training"]) == set(tasks) == set(m["zero_shot"])
+    # Instruction mode: the untrained model's answers do not depend on the method, so b_i is shared.
+    assert all(not isinstance(v, dict) for v in result["zero_shot"]["instruction"].values())
+
+
+def test_summary_has_mean_and_spread(smoke) -> None:
+    result, _ = smoke
+    for mode in ("classifier", "instruction"):
+        for method in METHODS:
+            s = result["summary"][mode][method]
+            assert s["acc"]["n"] == (1 if method == "mtl" else len(SYNTHETIC_ORDERS))
+            assert s["acc"]["mean"] is not None
+            if method != "mtl":
+                assert s["acc"]["std"] is not None and s["bwt"]["mean"] is not None
+
+
+def test_cost_figures(smoke) -> None:
+    result, _ = smoke
+    cost = result["cost"]
+    for mode in ("classifier", "instruction"):
+        rows = {r["method"]: r for r in cost["modes"][mode]}
+        assert set(rows) == set(METHODS) - {"mtl"}
+        assert rows["seq_lora"]["train_step_vs_seq_lora"] == 1.0
+        assert rows["per_task_lora"]["latency_vs_per_task_lora"] == 1.0
+        for r in rows.values():
+            assert r["train_step_s"] > 0 and r["latency_ms_per_sample"] > 0 and r["peak_memory_mb"] > 0
+        # moecl_mem's batches carry the discriminator-memory rows
+        assert rows["moecl_mem"]["batch_rows"] > rows["moecl"]["batch_rows"]
+    scaling = cost["scaling"]["moecl"]["points"]
+    assert [p["tasks"] for p in scaling] == [1, 4, 16, 64]
+
+
+def test_run_record_and_markdown(smoke) -> None:
+    result, out = smoke
+    assert result["command"].startswith("python -m bench.run")
+    assert result["hardware"]["torch"] and result["hardware"]["cpu_count"]
+    assert result["config"]["name"] == "smoke" and result["wall_seconds"] > 0
+    text = (out / "smoke.md").read_text()
+    for heading in (
+        "## Accuracy (ACC)",
+        "## Accuracy matrices",
+        "## Cost",
+        "Step time against the number of tasks",
+    ):
+        assert heading in text
+
+
+def test_missing_data_is_skipped_with_a_reason(tmp_path, capsys) -> None:
+    from bench.run import main
+
+    assert (
+        main(["--preset", "cpu", "--data", str(tmp_path / "absent"), "--out", str(tmp_path), "--quiet"]) == 0
+    )
+    err = capsys.readouterr().err
+    assert "SKIPPED" in err and "mtl5" in err and str(tmp_path / "absent") in err
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_time_budget_lists_what_did_not_run(tmp_path) -> None:
+    from bench.run import main
+
+    assert (
+        main(["--preset", "smoke", "--budget-minutes", "0", "--no-cost", "--out", str(tmp_path), "--quiet"])
+        == 0
+    )
+    result = json.loads((tmp_path / "smoke-slice.json").read_text())
+    assert result["finished"] and not result["runs"] and result["cost"] is None
+    assert len(result["not_run"]) == 2 * (len(METHODS) - 1) * len(SYNTHETIC_ORDERS) + 2
+    assert "Not run (time budget" in (tmp_path / "smoke-slice.md").read_text()
