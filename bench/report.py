@@ -209,7 +209,7 @@ def markdown(result: dict) -> str:
         ]
         header = ["after"] + order
         rows = [
-            [m["steps"][i] if i < len(m["steps"]) else "joint"] + row for i, row in enumerate(m["matrix"])
+            ["joint" if run["order"] == "joint" else m["steps"][i]] + row for i, row in enumerate(m["matrix"])
         ]
         if m.get("before_training"):
             rows.append(["before"] + [m["before_training"].get(t) for t in order])
@@ -253,11 +253,11 @@ def _cost_markdown(cost: dict) -> list[str]:
             [
                 r["method"],
                 _g(r["train_step_s"]),
-                _x(r["train_step_vs_seq_lora"]),
-                _g(r["latency_ms_per_sample"]),
-                _x(r["latency_vs_per_task_lora"]),
-                _g(r["latency_ms_batch1"]),
-                _x(r["latency_b1_vs_per_task_lora"]),
+                _x(r.get("train_step_vs_seq_lora")),
+                _g(r.get("latency_ms_per_sample")),
+                _x(r.get("latency_vs_per_task_lora")),
+                _g(r.get("latency_ms_batch1")),
+                _x(r.get("latency_b1_vs_per_task_lora")),
                 _mb(r["peak_memory_mb"]),
                 _mb(r["memory_before_mb"]),
             ]
@@ -282,7 +282,7 @@ def _cost_markdown(cost: dict) -> list[str]:
         lines += _table(
             ["tasks", "step s", "vs 1 task", "peak MiB"],
             [
-                [p["tasks"], _g(p["train_step_s"]), _x(p["vs_first"]), _mb(p["peak_memory_mb"])]
+                [p["tasks"], _g(p["train_step_s"]), _x(p.get("vs_first")), _mb(p["peak_memory_mb"])]
                 for p in block["points"]
             ],
         )

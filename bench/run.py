@@ -1,6 +1,6 @@
 """python -m bench.run --preset smoke|cpu|cpu-full|gpu [--methods ...] [--modes ...] [--orders ...]
 
-Runs every selected method in every selected mode and task order, then the cost micro-benchmarks, and
+Runs the cost micro-benchmarks, then every selected method in every selected mode and task order, and
 writes bench/results/<name>.json and .md (rewritten after every finished run, so an interrupted benchmark
 still leaves its finished runs). <name> is the preset's name, or <preset>-slice when a flag narrows or
 resizes the preset (so a quick slice never overwrites a full result), or --name.
@@ -206,7 +206,13 @@ def _main(argv: list[str] | None) -> int:
 
             torch.manual_seed(preset.seed)
             try:
-                result["cost"] = run_costs(base, preset, methods, log=_logger(progress))
+                result["cost"] = run_costs(
+                    base,
+                    preset,
+                    methods,
+                    log=_logger(progress),
+                    checkpoint=lambda partial: _keep(result, partial, save),
+                )
             except Exception as exc:  # noqa: BLE001 - a failed micro-benchmark must not stop the accuracy runs
                 result["errors"].append(
                     {"what": "cost", "error": repr(exc), "traceback": traceback.format_exc()}
@@ -238,6 +244,11 @@ def _main(argv: list[str] | None) -> int:
     for err in result["errors"]:
         print(f"ERROR in {err['what']}: {err['error']}", file=sys.stderr)
     return 1 if result["errors"] else 0
+
+
+def _keep(result: dict, partial_cost: dict, save) -> None:
+    result["cost"] = partial_cost
+    save()
 
 
 def _with_threads(preset, threads: int):

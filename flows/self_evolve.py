@@ -130,13 +130,13 @@ def drift(params: Params, task_data, outputs: evolve.Outputs):
 @task(name="train", **STAGE, retries=0)  # never retried: a failed step is looked at, not rerun
 def train(params: Params, task_data, pending: evolve.PendingVersion, base, registry: Registry, others: dict):
     return evolve.train_challenger(
-        params, task_data, pending, base=base, registry=registry, eval_tasks=others, progress=False
+        params, task_data, pending, base=base, registry=registry, eval_tasks=others, progress=True
     )
 
 
 @task(name="evaluate", **STAGE)
 def evaluate(params: Params, bank, base, tasks: dict, outputs: evolve.Outputs):
-    return evolve.evaluate_challenger(params, bank, base, tasks, outputs, progress=False)
+    return evolve.evaluate_challenger(params, bank, base, tasks, outputs, progress=True)
 
 
 @task(name="canaries", **STAGE)

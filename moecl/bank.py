@@ -117,8 +117,10 @@ def check_base(bank_dir: str | Path, manifest: dict, base: BaseSpec) -> None:
         )
 
 
-def load_bank(bank_dir: str | Path, base: BaseSpec) -> LoadedBank:
-    """Rebuild the model of a bank on a fresh copy of its base model (which must be the same base)."""
+def load_bank(bank_dir: str | Path, base: BaseSpec, device=None) -> LoadedBank:
+    """Rebuild the model of a bank on a fresh copy of its base model (which must be the same base).
+
+    On the CPU unless `device` is given (a step adds its new expert first, then moves the model)."""
     bank_dir = Path(bank_dir)
     manifest = read_manifest(bank_dir)
     check_base(bank_dir, manifest, base)
@@ -146,6 +148,8 @@ def load_bank(bank_dir: str | Path, base: BaseSpec) -> LoadedBank:
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
+    if device is not None:
+        model.to(device)
     return LoadedBank(model, tokenizer, manifest, memory)
 
 

@@ -11,7 +11,7 @@ from moecl.config import Params
 from moecl.data.task import Record, TaskData
 from moecl.errors import UnknownTaskError
 from moecl.metrics import ContinualMetrics, accuracy, stripping_rate
-from moecl.model.base import BaseSpec
+from moecl.model.base import BaseSpec, preferred_device
 from moecl.model.inference import predict
 from moecl.sampling import stratified_sample
 
@@ -111,7 +111,7 @@ def evaluate_bank(
     if len(history.get("matrix", [])) == len(steps):  # the step already evaluated this bank
         rows, stripping, sizes = list(history["matrix"]), history.get("stripping_rate", {}), {}
     else:
-        loaded = load_bank(bank_dir, base)
+        loaded = load_bank(bank_dir, base, device=preferred_device())
         row, stripping, sizes = evaluate_model(
             loaded.model, loaded.tokenizer, tasks, params, progress=progress, only=only
         )

@@ -154,7 +154,7 @@ def _read_texts(args) -> list[str]:
 def cmd_predict(args) -> int:
     from moecl.bank import load_bank, read_manifest
     from moecl.errors import MoeclError, UnknownTaskError
-    from moecl.model.base import base_from_params
+    from moecl.model.base import base_from_params, preferred_device
     from moecl.model.inference import predict
 
     params = _params(args)
@@ -167,7 +167,7 @@ def cmd_predict(args) -> int:
     texts = _read_texts(args)
     if not texts:
         raise MoeclError("no texts: pass them as arguments or as JSON lines on stdin")
-    loaded = load_bank(bank, base_from_params(params.model))
+    loaded = load_bank(bank, base_from_params(params.model), device=preferred_device())
     preds = predict(
         loaded.model,
         loaded.tokenizer,

@@ -18,6 +18,13 @@ class BaseSpec:
     load: Callable[[], tuple[Any, Any]]  # -> (causal LM, tokenizer), a fresh copy each call
 
 
+def preferred_device():
+    """The GPU when there is one (a single-process run uses it), else the CPU."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def state_dict_fingerprint(model) -> str:
     """sha256 over parameter names, shapes and bytes: identifies an in-memory model (tests, tiny models)."""
     h = hashlib.sha256()

@@ -21,7 +21,7 @@ from moecl.bank import load_bank, new_model, read_evaluation, read_manifest, sav
 from moecl.config import Params
 from moecl.data.task import TaskData
 from moecl.errors import BankError, MoeclError
-from moecl.model.base import BaseSpec
+from moecl.model.base import BaseSpec, preferred_device
 from moecl.model.encoding import Encoder
 from moecl.model.moecl_model import TaskInfo
 from moecl.sampling import stratified_sample
@@ -56,15 +56,13 @@ def seed_everything(seed: int) -> None:
 def parent_history(parent_bank: Path | None) -> dict:
     """The accuracy history up to the parent: its evaluation if it was evaluated, else its own history."""
     if parent_bank is None:
-        return {"matrix": [], "steps": [], "before_training": {}, "zero_shot": {}}
+        return {"matrix": [], "before_training": {}, "zero_shot": {}}
     evaluation = read_evaluation(parent_bank)
     manifest = read_manifest(parent_bank)
     history = dict(manifest.get("history") or {})
     if evaluation:
         history["matrix"] = evaluation["rows"]
-        history["steps"] = evaluation["steps"]
     history.setdefault("matrix", [])
-    history.setdefault("steps", [])
     history.setdefault("before_training", {})
     history.setdefault("zero_shot", {})
     return history
@@ -134,8 +132,8 @@ def run_step(
             f"task {task.task_id!r}: labels changed from {model.task(task.task_id).labels} to "
             f"{task.labels}; a task's labels are fixed once learned (use a new task id)"
         )
-    if accelerator is not None:  # after add_task: a new expert is initialised on the CPU, whatever the device
-        model.to(accelerator.device)
+    # after add_task: a new expert is initialised on the CPU whatever the device, so runs match across devices
+    model.to(accelerator.device if accelerator is not None else preferred_device())
 
     history = parent_history(parent_bank)
     result_before = result_zero = None
