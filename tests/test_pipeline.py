@@ -58,6 +58,12 @@ def dvc_project(tmp_path, tiny_tok, two_tasks):
     return project, env
 
 
+def yaml_lr(project):
+    import yaml
+
+    return yaml.safe_load((project / "params.yaml").read_text())["train"]["lr"]
+
+
 def test_repro_end_to_end_then_noop_then_next_task(dvc_project, two_tasks):
     project, env = dvc_project
     run(["dvc", "repro"], project, env)
@@ -75,6 +81,14 @@ def test_repro_end_to_end_then_noop_then_next_task(dvc_project, two_tasks):
     status = run(["dvc", "status", "--json"], project, env)
     # only the registry read-back stage is always re-run; everything downstream is up to date
     assert json.loads(status.stdout or "{}") == {"champion": ["always changed"]}
+
+    # experiments compare with DVC's own tools
+    run(["git", "add", "-A"], project, env)
+    run(["git", "commit", "-q", "-m", "baseline"], project, env)
+    run(["dvc", "exp", "run", "--temp", "-S", "train.lr=0.002"], project, env)
+    exps = json.loads(run(["dvc", "exp", "show", "--json"], project, env).stdout)
+    assert "0.002" in json.dumps(exps)
+    assert yaml_lr(project) == 0.005  # --temp leaves the working copy's params alone
 
     run([sys.executable, "-m", "moecl.stages", "promote"], project, env)
     write_task_folder(project / "data" / "tasks", two_tasks[1])
