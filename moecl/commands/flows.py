@@ -1,4 +1,5 @@
-"""`moecl evolve | serve | history | hooks install | data publish`: the Prefect faces (flows/) as commands.
+"""`moecl evolve | serve | deploy | history | hooks install | data publish`: the Prefect faces (flows/) as
+commands.
 
 Prefect reads its settings when first imported, so each handler settles the environment first
 (flows.server.prefect_environment: PREFECT_HOME defaults to <project>/.prefect, telemetry off) and imports
@@ -8,6 +9,7 @@ prefect after. Nothing here imports prefect at module level: `moecl --help` stay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -122,6 +124,60 @@ def cmd_serve(args) -> int:
         if server is not None:
             print(f"prefect: stopping the local server (pid {server.process.pid})", file=sys.stderr)
             server.stop()
+    return 0
+
+
+# --- moecl deploy -----------------------------------------------------------------------------------------------
+def _job_variable(text: str) -> tuple[str, object]:
+    """KEY=VALUE, VALUE read as JSON where it parses (numbers, lists, objects), else as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
+
+
+def cmd_deploy(args) -> int:
+    from moecl.errors import MoeclError
+
+    params = _params(args)
+    url = _environment(args)
+    if not url:
+        raise MoeclError(
+            "no Prefect server to deploy to: set PREFECT_API_URL, or start one "
+            "(`prefect server start --host 127.0.0.1 --port 4200`)"
+        )
+    from flows.deployments import deploy_to_work_pool, worker_command
+
+    project = _project_root(args)
+    with contextlib.redirect_stdout(sys.stderr):  # prefect.deploy prints its table: keep stdout ours
+        result = deploy_to_work_pool(
+            params,
+            args.pool,
+            params_path=os.path.relpath(Path(args.params).resolve(), project),
+            project_dir=project,
+            job_variables=dict(args.job_variables or []),
+        )
+    command = worker_command(args.pool)
+    if args.json:
+        print(json.dumps({**result, "api_url": url, "worker_command": command}, indent=2))
+        return 0
+    pool = f"{result['pool']} ({result['pool_type']}{', created' if result['created_pool'] else ''})"
+    print(f"work pool {pool} on {url}:")
+    for name, deployment_id in result["deployments"].items():
+        print(f"  {name}  {deployment_id}")
+    if result["job_variables"]:
+        print(f"job variables: {json.dumps(result['job_variables'])}")
+    if result["pool_type"] == "process":
+        needs = f"moecl installed, this project at {result['job_variables'].get('working_dir') or project}"
+    else:  # docker, kubernetes, ...: the image runs the code, the job template mounts the workspace
+        needs = f"prefect-{result['pool_type']} installed; the image has moecl and mounts this project"
+    print(
+        f"\nOn each worker host ({needs}, on a shared filesystem; docs/scale-out.md), "
+        f"with PREFECT_API_URL={url}, run:\n  {command}"
+    )
     return 0
 
 
@@ -247,6 +303,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--limit", type=int, default=None, help="runs this process executes at once (default: any)"
     )
     p.set_defaults(handler=cmd_serve)
+
+    p = sub.add_parser(
+        "deploy",
+        help="register the poll and event-triggered deployments on a Prefect work pool (run by its workers)",
+    )
+    p.add_argument("--pool", required=True, help="work pool name (created as a `process` pool if missing)")
+    p.add_argument(
+        "--job-variable",
+        dest="job_variables",
+        action="append",
+        type=_job_variable,
+        metavar="KEY=VALUE",
+        help="a job variable of the pool (repeatable; VALUE as JSON where it parses), e.g. image=NAME; "
+        "a process pool's working_dir defaults to the project folder",
+    )
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    p.set_defaults(handler=cmd_deploy)
 
     p = sub.add_parser(
         "history", help="past self-evolution runs from Prefect: task, version, decision, metrics"
