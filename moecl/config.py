@@ -212,6 +212,8 @@ def _coerce(value: Any, default: Any, where: str) -> Any:
             raise ParamsError(f"{where}: expected a list, got {value!r}")
         return list(value)
     if isinstance(default, str):
+        if isinstance(value, bool):  # YAML 1.1 reads a bare no/yes as a bool (e.g. after `dvc exp run -S`)
+            return "yes" if value else "no"
         if not isinstance(value, (str, int, float)):
             raise ParamsError(f"{where}: expected a string, got {value!r}")
         return str(value)

@@ -3,7 +3,10 @@
 Library code (no Prefect, no DVC): the flows, the DVC stages, the CLI and the tests call these functions.
 A dataset version is a task folder's content hash; the registry remembers which versions were processed, so
 processing is idempotent. `evolution_lock` serialises whole runs in one workspace (a file lock: two steps
-writing the same registry, banks and metrics at once would race).
+writing the same registry, banks and metrics at once would race). A run killed part-way leaves nothing
+half-written, and the next run finishes the version: a complete challenger bank is reused, a challenger that was
+registered but never decided is decided (not registered twice), and the drift reference of a version promoted
+just before the kill is installed from its staged copy (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -19,11 +22,17 @@ from pathlib import Path
 
 from moecl.config import Params
 from moecl.data.task import TaskData
-from moecl.data.validate import list_task_folders, load_task, task_folder_hash
+from moecl.data.validate import (
+    DataValidationError,
+    list_task_folders,
+    load_task,
+    task_folder_hash,
+    task_id_issues,
+)
 from moecl.errors import MoeclError
 from moecl.io import write_json_atomic
 from moecl.metrics import ContinualMetrics
-from moecl.model.base import BaseSpec
+from moecl.model.base import BaseSpec, preferred_device
 from moecl.registry import Registry, VersionRecord
 
 
@@ -97,7 +106,12 @@ def pending_versions(params: Params, registry: Registry) -> list[PendingVersion]
 
 
 def version_for(params: Params, task_id: str) -> PendingVersion:
+    """The current dataset version of one task. The id comes from outside (an event payload, `--task`): one that
+    is not a plain folder name (`../x`, `a/b`, `/abs`) would reach a folder outside data.root, so it is refused."""
     folder = Path(params.data.root) / task_id
+    issues = task_id_issues(task_id, str(folder))
+    if issues:
+        raise DataValidationError(issues, what=f"task {task_id!r}")
     if not folder.is_dir():
         raise MoeclError(f"no task folder {folder}")
     return PendingVersion(task_id, task_folder_hash(folder), folder, _landed_at(folder))
@@ -138,6 +152,7 @@ def drift_for_version(params: Params, task: TaskData, outputs: Outputs):
     descriptive report and is never gated on drift (it is supposed to differ from other tasks)."""
     from moecl.drift import describe_new_task, detect_drift
 
+    finish_snapshot(params)
     reference = snapshot_dir(params, task.task_id)
     report = outputs.report(params, task.task_id)
     if (reference / "task.yaml").is_file():
@@ -219,7 +234,7 @@ def canary_predictions(params: Params, bank: Path, base: BaseSpec, tasks: dict[s
     from moecl.evaluate import task_predictions
     from moecl.sampling import stratified_sample
 
-    loaded = load_bank(bank, base)
+    loaded = load_bank(bank, base, device=preferred_device())
     out = []
     for task_id, task in sorted(tasks.items()):
         canaries = stratified_sample(task.test, params.gate.canary_per_task, params.train.seed)
@@ -251,17 +266,46 @@ def gate_challenger(
     return decision
 
 
-def save_snapshot(params: Params, task: TaskData) -> None:
-    """Copy the promoted version's folder as the drift reference (temp copy, then an atomic swap)."""
-    dest = snapshot_dir(params, task.task_id)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{task.task_id}.tmp-{uuid.uuid4().hex[:8]}"
+def _staged_snapshot(params: Params, task_id: str, data_hash: str) -> Path:
+    return snapshot_dir(params, task_id).parent / f".{task_id}.staged-{data_hash[:16]}"
+
+
+def stage_snapshot(params: Params, task: TaskData, data_hash: str) -> Path:
+    """Copy a version's folder beside the snapshots under a hidden name BEFORE it is promoted, so that a run
+    killed between promoting and installing the drift reference leaves the copy for `finish_snapshot`."""
+    staged = _staged_snapshot(params, task.task_id, data_hash)
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    tmp = staged.parent / f".{task.task_id}.tmp-{uuid.uuid4().hex[:8]}"
     shutil.copytree(task.path, tmp)
-    old = dest.parent / f".{task.task_id}.old-{uuid.uuid4().hex[:8]}"
+    shutil.rmtree(staged, ignore_errors=True)  # left by a run killed before it promoted: copy again
+    os.rename(tmp, staged)
+    return staged
+
+
+def install_snapshot(params: Params, task_id: str, staged: Path) -> None:
+    """Make a staged copy the task's drift reference (an atomic swap of the snapshot folder)."""
+    dest = snapshot_dir(params, task_id)
+    old = dest.parent / f".{task_id}.old-{uuid.uuid4().hex[:8]}"
     if dest.exists():
         os.rename(dest, old)
-    os.rename(tmp, dest)
+    os.rename(staged, dest)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def finish_snapshot(params: Params) -> None:
+    """Install the champion's drift reference if the run that promoted it was killed before installing it
+    (its staged copy is still there). Called before a reference is read."""
+    champion = Registry(params.registry.root).champion()
+    if champion is None or not champion.task_id or not champion.data_version:
+        return
+    staged = _staged_snapshot(params, champion.task_id, champion.data_version)
+    if staged.is_dir():
+        install_snapshot(params, champion.task_id, staged)
+
+
+def save_snapshot(params: Params, task: TaskData) -> None:
+    """Copy the promoted version's folder as the drift reference (temp copy, then an atomic swap)."""
+    install_snapshot(params, task.task_id, stage_snapshot(params, task, task_folder_hash(task.path)))
 
 
 def record_decision(
@@ -280,9 +324,11 @@ def record_decision(
 
     manifest = read_manifest(bank)
     cl = metrics.as_dict()
-    record = registry.register(
+    parent = champion.version if champion else None
+    # a run killed between registering and deciding left this bank's record undecided: decide that one
+    record = registry.undecided(task.task_id, pending.data_hash, bank, parent) or registry.register(
         bank,
-        parent_version=champion.version if champion else None,
+        parent_version=parent,
         task_id=task.task_id,
         data_version=pending.data_hash,
         data_hashes={t["task_id"]: t.get("data_hash") for t in manifest["tasks"]},
@@ -293,8 +339,9 @@ def record_decision(
         flow_run_id=flow_run_id,
     )
     if decision.promoted:
+        staged = stage_snapshot(params, task, pending.data_hash)
         registry.promote(record.version, reason="; ".join(decision.reasons))
-        save_snapshot(params, task)
+        install_snapshot(params, task.task_id, staged)
     else:
         registry.record_rejection(record.version, decision.reasons)
     return registry.get(record.version)

@@ -345,6 +345,24 @@ class Registry:
                 return record
         return None
 
+    def undecided(
+        self, task_id: str, data_version: str, bank_dir: str | Path, parent_version: str | None
+    ) -> VersionRecord | None:
+        """The candidate left by a run killed between registering a challenger and promoting or rejecting it:
+        same task, dataset version, bank and parent, never decided. The next run decides that record instead
+        of registering the same bank a second time; None if there is none."""
+        stored = self._stored_bank_dir(Path(bank_dir))
+        for record in reversed(self.list_versions()):
+            if (
+                record.status == "candidate"
+                and record.task_id == task_id
+                and record.data_version == data_version
+                and record.bank_dir == stored
+                and record.parent_version == parent_version
+            ):
+                return record
+        return None
+
     def history_events(self, version: str | None = None) -> list[dict[str, Any]]:
         """The decision log, oldest first (optionally one version's events); torn lines are skipped."""
         if not self.events_path.exists():
