@@ -157,6 +157,29 @@ def final_table() -> list[dict]:
     return rows
 
 
+def champion_plots() -> Path | None:
+    """Plots of the champion's history (demo/plots/ itself shows the last run, which may be a rejected one)."""
+    from moecl.metrics import ContinualMetrics
+    from moecl.plots import write_plots
+    from moecl.registry import Registry
+
+    champion = Registry(WORKSPACE / "registry", WORKSPACE).champion()
+    if champion is None or not champion.metrics.get("matrix"):
+        return None
+    m = champion.metrics
+    rows = [{t: v for t, v in zip(m["order"], row) if v is not None} for row in m["matrix"]]
+    metrics = ContinualMetrics(
+        order=m["order"],
+        matrix=rows,
+        before_training=m.get("before_training") or {},
+        zero_shot=m.get("zero_shot") or {},
+        steps=m.get("steps"),
+    )
+    out = WORKSPACE / "plots" / f"champion-{champion.version}"
+    write_plots(metrics, out)
+    return out
+
+
 def print_table(rows: list[dict]) -> None:
     fmt = lambda v: "  -  " if v is None else f"{v:.3f}"  # noqa: E731
     print(f"{'version':8} {'task':10} {'decision':20} {'ACC':>6} {'BWT':>7}  per-task accuracy / reason")
@@ -218,9 +241,8 @@ def main() -> int:
         "Congratulations! You have won a FREE prize, click here to claim cash now",
     )
     say("where to look")
-    print(
-        f"  plots (PNG):          {WORKSPACE / 'plots'}/accuracy_matrix.png, task_accuracy.png, forgetting.png"
-    )
+    print(f"  champion's plots:     {champion_plots()}/accuracy_matrix.png, task_accuracy.png, forgetting.png")
+    print(f"  last run's plots:     {WORKSPACE / 'plots'}/ (the last challenger, promoted or not)")
     print(f"  Evidently reports:    {WORKSPACE / 'reports'}/drift-*.html")
     print(f"  metrics and gate:     {WORKSPACE / 'metrics'}/cl.json, gate.json")
     print("  run history:          cd demo && ../.venv/bin/moecl history")
