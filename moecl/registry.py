@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from moecl.errors import MoeclError
-from moecl.io import write_json_atomic
+from moecl.io import fsync_dir, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -106,19 +106,6 @@ def _jsonable(value: Any) -> Any:
 
 def _dumps(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(_jsonable(obj), indent=indent, sort_keys=indent is not None, allow_nan=False)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_temp(directory: Path, text: str) -> Path:
@@ -245,7 +232,7 @@ class Registry:
             finally:
                 tmp.unlink(missing_ok=True)
             break
-        _fsync_dir(self.versions_dir)
+        fsync_dir(self.versions_dir)
         self._append_event("registered", record.version)
         return record
 
