@@ -241,7 +241,9 @@ def main() -> int:
         "Congratulations! You have won a FREE prize, click here to claim cash now",
     )
     say("where to look")
-    print(f"  champion's plots:     {champion_plots()}/accuracy_matrix.png, task_accuracy.png, forgetting.png")
+    print(
+        f"  champion's plots:     {champion_plots()}/accuracy_matrix.png, task_accuracy.png, forgetting.png"
+    )
     print(f"  last run's plots:     {WORKSPACE / 'plots'}/ (the last challenger, promoted or not)")
     print(f"  Evidently reports:    {WORKSPACE / 'reports'}/drift-*.html")
     print(f"  metrics and gate:     {WORKSPACE / 'metrics'}/cl.json, gate.json")
