@@ -200,7 +200,7 @@ def save_bank(
             if reuse:
                 _link_or_copy(Path(parent_dir) / parent_files[info.task_id]["file"], tmp / name)
             else:
-                tensors = {k: v for k, v in loaded_model.task_parameters(info.task_id).items()}
+                tensors = dict(loaded_model.task_parameters(info.task_id))
                 rows = (memory or {}).get(info.task_id)
                 if rows:
                     width = max(len(r) for r in rows)

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from moecl.config import Params
 from moecl.data.task import Record, TaskData
+from moecl.evaluate import task_predictions
 from moecl.metrics import accuracy
 from moecl.model.encoding import IGNORE_INDEX, Encoded, Encoder, collate, pad_id
-from moecl.model.inference import predict
 from moecl.model.moecl_model import MoECLModel
 from moecl.sampling import split_dev, stratified_sample
 from moecl.train.distributed import make_accelerator, share_of, under_distributed_launch
@@ -115,17 +115,7 @@ def dev_accuracy(
     def labels(recs: list[Record]) -> list[str]:
         if not recs:
             return []
-        preds = predict(
-            model,
-            tokenizer,
-            task_id,
-            [r.text for r in recs],
-            max_length=params.train.max_length,
-            batch_size=bs,
-            instruction_eval=params.evaluate.instruction_eval,
-            max_new_tokens=params.evaluate.max_new_tokens,
-        )
-        return [p.label for p in preds]
+        return [p.label for p in task_predictions(model, tokenizer, task_id, recs, params)]
 
     if accelerator is None or accelerator.num_processes == 1 or not records:
         return accuracy(labels(records), [r.label for r in records])
