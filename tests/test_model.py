@@ -1,5 +1,6 @@
 import copy
 import filecmp
+import math
 
 import pytest
 import torch
@@ -131,23 +132,59 @@ def test_gradient_reversal_sign(tiny_base, tiny_tok):
         torch.testing.assert_close(reversed_grads[n], -0.1 * plain_grads[n], rtol=1e-4, atol=1e-8)
 
 
-def test_discriminator_loss_decreases_under_adversarial_training(tiny_base, fast_params, two_tasks, tmp_path):
+def test_discriminators_learn_while_the_shared_expert_is_reversed(tiny_base, tiny_tok):
+    """AdamW on L_adv through the reversal layer: the discriminators still drive their loss down (they minimise
+    it) although the shared expert upstream is pushed the other way."""
+    from moecl.model.encoding import Encoded, collate, pad_id
+    from moecl.train.terms import AdversarialTerm
+
+    base_model, _ = tiny_base.load()
+    torch.manual_seed(0)
+    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl", adv_alpha=0.1))
+    model.add_task(TaskInfo("a", ["x", "y"]))
+    model.add_task(TaskInfo("b", ["x", "y"]))
+    texts = [("goal team", "a"), ("profit bank stock", "b"), ("coach win cup", "a"), ("merger trade", "b")]
+    batch = collate([Encoded(tiny_tok(t)["input_ids"], 0, -1, task) for t, task in texts], pad_id(tiny_tok))
+    shared = model.shared_parameters()
+    for p in shared.values():
+        p.requires_grad_(True)
+    discriminators = [p for n, p in shared.items() if ".discriminator." in n]
+    experts = [p for n, p in shared.items() if ".discriminator." not in n]
+    assert discriminators and experts
+    # The reversed (maximising) side gets a smaller step: with equal steps it can outrun a linear discriminator
+    # by scaling its features, which is what the task loss prevents in a real step.
+    optimizer = torch.optim.AdamW([{"params": discriminators, "lr": 1e-1}, {"params": experts, "lr": 1e-4}])
+    model.train()
+    losses = []
+    for _ in range(30):
+        with model.routed(
+            batch.tasks, attention_mask=batch.attention_mask, collect_discriminator=True, reverse_scale=0.1
+        ) as routing:
+            model.decoder_hidden(batch.input_ids, batch.attention_mask)
+            loss = AdversarialTerm(0.1)(model, batch, routing)["discriminator"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(2), abs=0.05)  # an untrained discriminator: chance
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.03, losses  # seeded: 0.693 -> 0.644 here
+
+
+def test_a_step_reports_its_losses_by_name(tiny_base, fast_params, two_tasks, tmp_path):
     from moecl.train.step import run_step
 
     params = copy.deepcopy(fast_params)
     params.method.memory_per_task = 8
     params.method.adv_alpha = 0.1
-    params.train.epochs = 4
     params.train.dev_fraction = 0.0
     t1, t2 = two_tasks
     run_step(params, t1, base=tiny_base, out_bank=tmp_path / "b1", progress=False)
     result = run_step(
         params, t2, base=tiny_base, parent_bank=tmp_path / "b1", out_bank=tmp_path / "b2", progress=False
     )
-    disc = [loss.discriminator for loss in result.outcome.losses]
-    assert disc[0] > 0
-    assert sum(disc[-3:]) / 3 < sum(disc[:3]) / 3, disc
+    assert result.outcome.losses
     for loss in result.outcome.losses:  # total = task + adversarial, adversarial = -alpha * L_adv
+        assert loss.discriminator > 0
         assert loss.adversarial == pytest.approx(-0.1 * loss.discriminator)
         assert loss.total == pytest.approx(loss.task + loss.adversarial)
 
@@ -207,3 +244,24 @@ def test_trainable_set_is_exactly_shared_plus_current_task(tiny_base):
     assert trainable == expected
     assert all(not p.requires_grad for p in model.task_parameters("a").values())
     assert all(not p.requires_grad for p in model.base_model.parameters() if id(p) not in expected)
+
+
+def test_dropout_keep_mask_drops_p_and_keeps_the_mean():
+    from moecl.model.lora import keep_mask
+
+    like = torch.empty(512, 384)
+    assert keep_mask(like, 0.0) is None
+    torch.manual_seed(3)
+    mask = keep_mask(like, 0.05)
+    torch.manual_seed(3)
+    assert torch.equal(mask, keep_mask(like, 0.05))  # seeded
+    assert mask.shape == like.shape and mask.dtype == like.dtype
+    dropped = (mask == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.003
+    values = mask.unique().tolist()
+    assert len(values) == 2 and values[0] == 0.0 and values[1] == pytest.approx(1 / 0.95, rel=1e-4)
+    assert abs(mask.mean().item() - 1.0) < 0.005
+    rows_dropped = (mask == 0).float().mean(dim=1)  # no position is favoured (every 16-bit slice is uniform)
+    assert rows_dropped.min() > 0.0 and rows_dropped.max() < 0.15
+    cols_dropped = (mask == 0).float().mean(dim=0)
+    assert cols_dropped.max() < 0.15

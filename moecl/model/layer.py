@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from moecl.model.lora import Expert
+from moecl.model.lora import Expert, keep_mask
 
 
 class _GradientReversal(torch.autograd.Function):
@@ -73,6 +73,10 @@ class MoEFeedForward(nn.Module):
         self.experts = nn.ModuleDict()
         self.gate: nn.Linear | None = None
         self.discriminator: nn.Linear | None = None
+        # Dropout on the experts' inputs: one mask per input, shared by every expert that reads it (each
+        # expert still sees dropped inputs; drawing the masks is most of dropout's cost). The newest expert's rate.
+        self.dropout = 0.0
+        self.down_targeted = False  # does any expert carry a down_proj delta (then its input needs a mask)
         # A plain attribute (not a submodule): one Routing object is shared by every layer of the model.
         object.__setattr__(self, "routing", routing)
 
@@ -80,6 +84,8 @@ class MoEFeedForward(nn.Module):
     def add_expert(self, name: str, targets: list[str], r: int, scale: float, dropout: float) -> Expert:
         expert = Expert(self.hidden, self.intermediate, targets, r, scale, dropout)
         self.experts[name] = expert.to(self.base.down_proj.weight.device)
+        self.dropout = dropout
+        self.down_targeted = self.down_targeted or "down_proj" in expert
         return expert
 
     def add_gate(self) -> None:
@@ -120,44 +126,60 @@ class MoEFeedForward(nn.Module):
     def _add(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
         return base if delta is None else base + delta.to(base.dtype)
 
+    def _lora_input(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return x if mask is None else x * mask
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         routing = self.routing
         base = self.base
         if routing.disabled or not routing.branches:
             return base(u)
+        p = self.dropout if self.training else 0.0
+        u_lora = self._lora_input(u, keep_mask(u, p))
         gate_base = base.gate_proj(u)
         up_base = base.up_proj(u)
         hiddens = []
         for groups in routing.branches:
-            g = self._add(gate_base, self._delta("gate_proj", u, groups))
-            v = self._add(up_base, self._delta("up_proj", u, groups))
+            g = self._add(gate_base, self._delta("gate_proj", u_lora, groups))
+            v = self._add(up_base, self._delta("up_proj", u_lora, groups))
             hiddens.append(base.act_fn(g) * v)
+        down_mask = None
+        if p > 0 and self.down_targeted:
+            down_mask = keep_mask(hiddens[0], p)
+        lora_hiddens = [self._lora_input(h, down_mask) for h in hiddens]
 
         if routing.gated:
             beta = torch.softmax(self.gate(u.to(self.gate.weight.dtype)), dim=-1).to(u.dtype)
             beta_s, beta_t = beta[..., 0:1], beta[..., 1:2]
             h_s, h_t = hiddens
             out = base.down_proj(beta_s * h_s + beta_t * h_t)
-            d_s = self._delta("down_proj", h_s, routing.branches[0])
-            d_t = self._delta("down_proj", h_t, routing.branches[1])
+            d_s = self._delta("down_proj", lora_hiddens[0], routing.branches[0])
+            d_t = self._delta("down_proj", lora_hiddens[1], routing.branches[1])
             if d_s is not None:
                 out = out + beta_s * d_s.to(out.dtype)
             if d_t is not None:
                 out = out + beta_t * d_t.to(out.dtype)
         else:
             out = self._add(
-                base.down_proj(hiddens[0]), self._delta("down_proj", hiddens[0], routing.branches[0])
+                base.down_proj(hiddens[0]), self._delta("down_proj", lora_hiddens[0], routing.branches[0])
             )
 
         if routing.collect_discriminator and self.discriminator is not None:
-            routing.discriminator_logits.append(self._discriminate(hiddens[0], routing))
+            routing.discriminator_logits.append(self._discriminate(hiddens[0], lora_hiddens[0], routing))
         return out
 
-    def _discriminate(self, h_shared: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def _discriminate(
+        self, h_shared: torch.Tensor, h_shared_lora: torch.Tensor, routing: Routing
+    ) -> torch.Tensor:
+        """The shared expert's output, mean-pooled over real tokens, through the (reversed) discriminator.
+        Pooling commutes with the linear down projection, so both are pooled first; the delta reads the same
+        dropped-out input as in the main path."""
         mask = routing.token_mask.to(h_shared.dtype).unsqueeze(-1)
-        pooled = (h_shared * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        count = mask.sum(dim=1).clamp(min=1.0)
+        pooled = (h_shared * mask).sum(dim=1) / count
+        pooled_lora = pooled if h_shared_lora is h_shared else (h_shared_lora * mask).sum(dim=1) / count
         shared_out = self._add(
-            self.base.down_proj(pooled), self._delta("down_proj", pooled, routing.branches[0])
+            self.base.down_proj(pooled), self._delta("down_proj", pooled_lora, routing.branches[0])
         )
         reversed_out = gradient_reversal(
             shared_out.to(self.discriminator.weight.dtype), routing.reverse_scale
