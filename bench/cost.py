@@ -2,7 +2,10 @@
 
 Each figure times the library's own forward pass (MoECLModel under `routed`), its loss terms (the adversarial
 term, O-LoRA's orthogonality penalty) and a plain AdamW step over exactly the parameters a step on the newest
-task trains, on fixed random batches: a few warm-up steps, then the median of N. moecl_mem adds the
+task trains, on fixed random batches. Step times come from interleaved rounds (all contenders alive at once,
+each round times one step of each in turn; `warmup` untimed rounds, then the median of `repeats`), so a slow
+spell of the machine cannot land on one method only. Peak memory (its first steps) and inference latency
+(`warmup` + median of `repeats` forward passes) are measured with each method alone. moecl_mem adds the
 discriminator-memory rows a real step draws (moecl.train.loop.MemorySampler). "mtl" costs what seq_lora costs
 (one shared LoRA; only the heads differ), so it is not timed separately.
 """
@@ -169,41 +172,71 @@ def task_loss(model: MoECLModel, batch, task_id: str) -> torch.Tensor:
     )
 
 
-def time_train_steps(
-    model: MoECLModel, params, task_id: str, batches, warmup: int, repeats: int
-) -> list[float]:
-    """Seconds of each timed forward + backward + AdamW step (after `warmup` untimed ones)."""
-    device = _device(model)
-    method = params.method
-    trainable = model.trainable_parameters(task_id)
-    optimizer = torch.optim.AdamW(trainable, lr=params.train.lr, weight_decay=params.train.weight_decay)
-    terms = build_terms(model, task_id, method)
-    alpha = method.adversarial_weight if model.has_discriminator else 0.0
-    model.train()
-    times = []
-    for i in range(warmup + repeats):
-        batch = batches[i % len(batches)]
-        _sync(device)
+class TrainStepper:
+    """One method's training step on its fixed batches, timed: the loop's forward (under `routed`), its loss
+    terms, backward and AdamW over exactly what a step on the newest task trains."""
+
+    def __init__(self, model: MoECLModel, params, task_id: str, batches):
+        self.model, self.task_id, self.batches = model, task_id, batches
+        self.device = _device(model)
+        self.optimizer = torch.optim.AdamW(
+            model.trainable_parameters(task_id), lr=params.train.lr, weight_decay=params.train.weight_decay
+        )
+        self.terms = build_terms(model, task_id, params.method)
+        self.alpha = params.method.adversarial_weight if model.has_discriminator else 0.0
+        self.steps = 0
+
+    def step(self) -> float:
+        """Seconds of one forward + backward + AdamW step on the next fixed batch."""
+        model, batch = self.model, self.batches[self.steps % len(self.batches)]
+        self.steps += 1
+        model.train()
+        _sync(self.device)
         t0 = time.perf_counter()
         with model.routed(
             batch.tasks,
             attention_mask=batch.attention_mask,
-            collect_discriminator=alpha > 0,
-            reverse_scale=alpha,
+            collect_discriminator=self.alpha > 0,
+            reverse_scale=self.alpha,
         ) as routing:
-            loss = task_loss(model, batch, task_id)
-            for term in terms:
+            loss = task_loss(model, batch, self.task_id)
+            for term in self.terms:
                 for value in term(model, batch, routing).values():
                     loss = loss + value
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    model.eval()
+        self.optimizer.step()
+        _sync(self.device)
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.model.eval()
+
+
+def time_train_steps(
+    model: MoECLModel, params, task_id: str, batches, warmup: int, repeats: int
+) -> list[float]:
+    """Seconds of each timed forward + backward + AdamW step (after `warmup` untimed ones)."""
+    stepper = TrainStepper(model, params, task_id, batches)
+    times = [stepper.step() for _ in range(warmup + repeats)][warmup:]
+    stepper.close()
+    return times
+
+
+def interleaved_train_times(steppers: dict, warmup: int, rounds: int) -> dict[str, list[float]]:
+    """Round robin: every round times one step of each contender in turn, so that a slow spell of a shared
+    machine falls on all of them alike rather than on whichever happened to be measured then."""
+    times: dict[str, list[float]] = {key: [] for key in steppers}
+    for i in range(warmup + rounds):
+        for key, stepper in steppers.items():
+            seconds = stepper.step()
+            if i >= warmup:
+                times[key].append(seconds)
+    for stepper in steppers.values():
+        stepper.close()
     return times
 
 
@@ -253,14 +286,15 @@ def measure_method(
     memory = params.method.memory_per_task
     batches = fixed_batches(model, tokenizer, task_id, cost.batch_size, cost.seq_len, 2, preset.seed, memory)
     device = _device(model)
-    with PeakMemory(device) as peak:
-        train = time_train_steps(model, params, task_id, batches, cost.warmup, cost.repeats)
+    with PeakMemory(device) as peak:  # the peak is reached in the first step; the times are replaced later
+        train = time_train_steps(model, params, task_id, batches, 0, max(cost.warmup, 1))
     out = {
         "method": method,
         "mode": mode,
         "tasks": n_tasks,
         "train_step_s": round(_median(train), 5),
         "train_step_all_s": [round(t, 5) for t in train],
+        "train_step_timing": "alone",
         "batch_rows": int(batches[0].input_ids.shape[0]),
         "peak_memory_mb": _round1(peak.mb),
         "memory_before_mb": _round1(peak.before_mb),
@@ -276,6 +310,40 @@ def measure_method(
     del model, batches
     _collect(big)
     return out
+
+
+def interleaved_times(base: BaseSpec, preset, mode: str, contenders: dict) -> dict:
+    """Training-step times of every contender ({key: (method, n_tasks)}), all alive at once and timed in
+    interleaved rounds (interleaved_train_times)."""
+    cost = preset.cost
+    steppers = {}
+    for key, (method, n_tasks) in contenders.items():
+        model, tokenizer, params = build(base, preset, method, mode, n_tasks)
+        task_id = f"s{n_tasks - 1}"
+        batches = fixed_batches(
+            model,
+            tokenizer,
+            task_id,
+            cost.batch_size,
+            cost.seq_len,
+            2,
+            preset.seed,
+            params.method.memory_per_task,
+        )
+        steppers[key] = TrainStepper(model, params, task_id, batches)
+    times = interleaved_train_times(steppers, cost.warmup, cost.repeats)
+    big = any(_is_big(s.model) for s in steppers.values())
+    del steppers
+    _collect(big)
+    return times
+
+
+def _retime(rows: list[dict], times: dict, key: str = "method") -> None:
+    for row in rows:
+        row["train_step_alone_s"] = row["train_step_s"]
+        row["train_step_s"] = round(_median(times[row[key]]), 5)
+        row["train_step_all_s"] = [round(t, 5) for t in times[row[key]]]
+        row["train_step_timing"] = "interleaved"
 
 
 def _round1(value):
@@ -333,19 +401,28 @@ def run_costs(base: BaseSpec, preset, methods: list[str], *, log=print, checkpoi
     for mode in cost.modes:
         rows = out["modes"].setdefault(mode, [])
         for method in timed:
-            log(f"cost: {mode} {method} ({cost.tasks} tasks)")
+            log(f"cost: {mode} {method} ({cost.tasks} tasks): memory and latency")
             rows.append(measure_method(base, preset, method, mode, cost.tasks))
             _ratios(rows)
             done()
+        log(f"cost: {mode}: {cost.repeats} interleaved rounds of training steps")
+        contenders = {r["method"]: (r["method"], cost.tasks) for r in rows}
+        _retime(rows, interleaved_times(base, preset, mode, contenders))
+        _ratios(rows)
+        done()
     mode = cost.modes[0]
     for method in cost.scaling_methods:
         block = out["scaling"].setdefault(method, {"mode": mode, "points": []})
         for n in cost.scaling_tasks:
-            log(f"cost: scaling {mode} {method} with {n} tasks")
-            point = measure_method(base, preset, method, mode, n, inference=False)
-            first = block["points"][0]["train_step_s"] if block["points"] else point["train_step_s"]
-            point["vs_first"] = _ratio(point["train_step_s"], first)
-            block["points"].append(point)
+            log(f"cost: scaling {mode} {method} with {n} tasks: memory")
+            block["points"].append(measure_method(base, preset, method, mode, n, inference=False))
             done()
+        log(f"cost: scaling {mode} {method}: {cost.repeats} interleaved rounds")
+        contenders = {p["tasks"]: (method, p["tasks"]) for p in block["points"]}
+        _retime(block["points"], interleaved_times(base, preset, mode, contenders), key="tasks")
+        first = block["points"][0]["train_step_s"]
+        for point in block["points"]:
+            point["vs_first"] = _ratio(point["train_step_s"], first)
+        done()
     done()
     return out

@@ -121,7 +121,7 @@ PRESETS = {
         data="mtl5",
         orders={"order1": MTL5_ORDERS["order1"]},
         modes=_CPU_MODES,
-        cost=CostSize(batch_size=8, seq_len=128, warmup=2, repeats=3),
+        cost=CostSize(batch_size=8, seq_len=128, warmup=1, repeats=5),
         threads=2,
     ),
     "cpu-full": Preset(
@@ -131,7 +131,7 @@ PRESETS = {
         data="mtl5",
         orders=MTL5_ORDERS,
         modes=_CPU_MODES,
-        cost=CostSize(batch_size=8, seq_len=128, warmup=2, repeats=3),
+        cost=CostSize(batch_size=8, seq_len=128, warmup=1, repeats=5),
         threads=2,
     ),
     "gpu": Preset(

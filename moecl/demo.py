@@ -29,11 +29,11 @@ DEMO_PARAMS = {
         "epochs": 2,
         "batch_size": 8,
         "max_length": 128,
-        "max_train_examples": 80,
+        "max_train_examples": 64,
         "evals_per_epoch": 1,
         "threads": 2,
     },
-    "evaluate": {"max_test_examples": 60, "batch_size": 16},
+    "evaluate": {"max_test_examples": 48, "batch_size": 16},
     "gate": {"canary_per_task": 16},
 }
 

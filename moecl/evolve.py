@@ -12,6 +12,7 @@ just before the kill is installed from its staged copy (docs/operations.md).
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import shutil
 import uuid
@@ -34,6 +35,8 @@ from moecl.io import write_json_atomic
 from moecl.metrics import ContinualMetrics
 from moecl.model.base import BaseSpec, preferred_device
 from moecl.registry import Registry, VersionRecord
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,9 +140,23 @@ def validate_version(params: Params, pending: PendingVersion) -> TaskData:
 
 
 def load_other_tasks(params: Params, task_ids: list[str], exclude: str) -> dict[str, TaskData]:
-    """Test data of the tasks the champion already knows (validated too)."""
+    """Test data of the tasks the champion already knows (validated too). A task whose folder now holds an
+    invalid version is evaluated on its last promoted version (its snapshot), so that one broken folder does
+    not hold up every other task's versions; the broken version itself stays pending."""
     root = Path(params.data.root)
-    return {t: load_task(root / t, params.data) for t in task_ids if t != exclude}
+    tasks = {}
+    for task_id in task_ids:
+        if task_id == exclude:
+            continue
+        try:
+            tasks[task_id] = load_task(root / task_id, params.data)
+        except DataValidationError:
+            reference = snapshot_dir(params, task_id)
+            if not (reference / "task.yaml").is_file():
+                raise
+            log.warning("%s: the current folder is invalid; evaluating its last promoted version", task_id)
+            tasks[task_id] = load_task(reference, params.data)
+    return tasks
 
 
 def snapshot_dir(params: Params, task_id: str) -> Path:
@@ -436,6 +453,18 @@ def process_version(
     return decided_outcome(pending, bank, metrics, decision, drift, record, before, registry)
 
 
+class InvalidVersions(MoeclError):
+    """Some pending versions failed validation; the valid ones were processed (`.outcomes`), the invalid ones
+    stay pending (nothing was written for them) until their folder is fixed."""
+
+    def __init__(self, errors: list[tuple[PendingVersion, DataValidationError]], outcomes: list):
+        self.errors = errors
+        self.outcomes = outcomes
+        done = f"; the other {len(outcomes)} version(s) were processed" if outcomes else ""
+        listed = "\n".join(f"{p.task_id}@{p.data_hash[:12]}: {exc}" for p, exc in errors)
+        super().__init__(f"{len(errors)} dataset version(s) failed validation{done}:\n{listed}")
+
+
 def evolve_pending(
     params: Params,
     *,
@@ -445,17 +474,25 @@ def evolve_pending(
     flow_run_id: str | None = None,
     progress: bool = True,
 ) -> list[EvolveOutcome]:
-    """Process every pending dataset version, in landing order, one at a time."""
+    """Process every pending dataset version, in landing order, one at a time. An invalid version does not
+    hold up the ones behind it: they are processed, then InvalidVersions names what failed and where."""
+    outcomes, invalid = [], []
     with evolution_lock(params):
-        return [
-            process_version(
-                params,
-                p,
-                base=base,
-                registry=registry,
-                outputs=outputs,
-                flow_run_id=flow_run_id,
-                progress=progress,
-            )
-            for p in pending_versions(params, registry)
-        ]
+        for pending in pending_versions(params, registry):
+            try:
+                outcomes.append(
+                    process_version(
+                        params,
+                        pending,
+                        base=base,
+                        registry=registry,
+                        outputs=outputs,
+                        flow_run_id=flow_run_id,
+                        progress=progress,
+                    )
+                )
+            except DataValidationError as exc:
+                invalid.append((pending, exc))
+    if invalid:
+        raise InvalidVersions(invalid, outcomes)
+    return outcomes

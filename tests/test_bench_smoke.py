@@ -73,12 +73,15 @@ def test_cost_figures(smoke) -> None:
         assert set(rows) == set(METHODS) - {"mtl"}
         assert rows["seq_lora"]["train_step_vs_seq_lora"] == 1.0
         assert rows["per_task_lora"]["latency_vs_per_task_lora"] == 1.0
+        repeats = cost["settings"]["repeats"]
         for r in rows.values():
             assert r["train_step_s"] > 0 and r["latency_ms_per_sample"] > 0 and r["peak_memory_mb"] > 0
+            assert r["train_step_timing"] == "interleaved" and len(r["train_step_all_s"]) == repeats
         # moecl_mem's batches carry the discriminator-memory rows
         assert rows["moecl_mem"]["batch_rows"] > rows["moecl"]["batch_rows"]
     scaling = cost["scaling"]["moecl"]["points"]
     assert [p["tasks"] for p in scaling] == [1, 4, 16, 64]
+    assert scaling[0]["vs_first"] == 1.0 and all(p["train_step_timing"] == "interleaved" for p in scaling)
 
 
 def test_run_record_and_markdown(smoke) -> None:

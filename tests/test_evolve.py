@@ -132,3 +132,43 @@ def test_invalid_version_is_refused_before_anything_is_written(workspace, tiny_b
         )
     after = {k: v for k, v in _tree(root).items() if not k.startswith("data/")}
     assert after == before
+
+
+def test_an_invalid_version_does_not_hold_up_the_ones_behind_it(workspace, tiny_base, two_tasks):
+    import os
+
+    from moecl.evolve import InvalidVersions
+
+    root, params, registry = workspace
+    bad = root / "data" / "tasks" / "broken"
+    bad.mkdir()
+    (bad / "task.yaml").write_text("labels: [a, b]\n")
+    (bad / "train.jsonl").write_text('{"text": "x", "label": "a"}\n{"text": "y"}\n')
+    (bad / "test.jsonl").write_text('{"text": "z", "label": "b"}\n')
+    for path in bad.iterdir():  # it landed first
+        os.utime(path, (1, 1))
+    with pytest.raises(
+        InvalidVersions, match=r"(?s)1 dataset version.*broken@.*train.jsonl:2: label"
+    ) as caught:
+        evolve_pending(params, base=tiny_base, registry=registry, outputs=Outputs(root), progress=False)
+    assert [o.task_id for o in caught.value.outcomes] == ["topics"]
+    assert [o.decision for o in caught.value.outcomes] == ["promote"]
+    assert registry.champion().version == caught.value.outcomes[0].version
+    assert [p.task_id for p in pending_versions(params, registry)] == ["broken"]  # still pending, fix it
+
+
+def test_a_broken_known_task_is_evaluated_on_its_last_promoted_version(workspace, tiny_base, two_tasks):
+    from moecl.evolve import InvalidVersions
+
+    root, params, registry = workspace
+    evolve_pending(params, base=tiny_base, registry=registry, outputs=Outputs(root), progress=False)
+    topics = root / "data" / "tasks" / "topics"
+    with (topics / "train.jsonl").open("a") as f:
+        f.write('{"text": "no label here"}\n')
+    write_task_folder(root / "data" / "tasks", two_tasks[1])
+    with pytest.raises(InvalidVersions, match=r"topics@") as caught:
+        evolve_pending(params, base=tiny_base, registry=registry, outputs=Outputs(root), progress=False)
+    (outcome,) = caught.value.outcomes
+    assert outcome.task_id == "sentiment" and outcome.decision == "promote"
+    assert set(outcome.metrics["per_task"]) == {"topics", "sentiment"}
+    assert [p.task_id for p in pending_versions(params, registry)] == ["topics"]
