@@ -28,12 +28,12 @@ DEMO_PARAMS = {
         "lr": 0.001,
         "epochs": 2,
         "batch_size": 8,
-        "max_length": 128,
+        "max_length": 96,
         "max_train_examples": 64,
         "evals_per_epoch": 1,
         "threads": 2,
     },
-    "evaluate": {"max_test_examples": 48, "batch_size": 16},
+    "evaluate": {"max_test_examples": 40, "batch_size": 16},
     "gate": {"canary_per_task": 16},
 }
 
