@@ -116,7 +116,7 @@ PRESETS = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="SmolLM2-135M-Instruct on 2 CPU cores, order1, both modes (under an hour)",
+        description="SmolLM2-135M-Instruct on 2 CPU cores, order1, both modes (about 90 minutes)",
         backbone="params",
         data="mtl5",
         orders={"order1": MTL5_ORDERS["order1"]},
@@ -126,7 +126,7 @@ PRESETS = {
     ),
     "cpu-full": Preset(
         name="cpu-full",
-        description="SmolLM2-135M-Instruct on CPU, all three orders, both modes (about three hours)",
+        description="SmolLM2-135M-Instruct on CPU, all three orders, both modes (about four hours)",
         backbone="params",
         data="mtl5",
         orders=MTL5_ORDERS,
