@@ -453,16 +453,17 @@ def process_version(
     return decided_outcome(pending, bank, metrics, decision, drift, record, before, registry)
 
 
-class InvalidVersions(MoeclError):
+class InvalidVersions(DataValidationError):
     """Some pending versions failed validation; the valid ones were processed (`.outcomes`), the invalid ones
-    stay pending (nothing was written for them) until their folder is fixed."""
+    stay pending (nothing was written for them) until their folder is fixed. `.issues` lists every issue."""
 
     def __init__(self, errors: list[tuple[PendingVersion, DataValidationError]], outcomes: list):
         self.errors = errors
         self.outcomes = outcomes
+        self.issues = [issue for _, exc in errors for issue in exc.issues]
         done = f"; the other {len(outcomes)} version(s) were processed" if outcomes else ""
         listed = "\n".join(f"{p.task_id}@{p.data_hash[:12]}: {exc}" for p, exc in errors)
-        super().__init__(f"{len(errors)} dataset version(s) failed validation{done}:\n{listed}")
+        MoeclError.__init__(self, f"{len(errors)} dataset version(s) failed validation{done}:\n{listed}")
 
 
 def evolve_pending(
