@@ -500,7 +500,7 @@ def test_served_deployment_runs_when_a_dataset_lands(tmp_path, tiny_tok, two_tas
         if serve.poll() is None:
             os.killpg(serve.pid, signal.SIGINT)  # Ctrl-C: stop serving, then the server it started
             try:
-                serve.wait(timeout=60)
+                serve.wait(timeout=150)  # stopping the served runner, then its server, can take a while
             except subprocess.TimeoutExpired:
                 os.killpg(serve.pid, signal.SIGKILL)
                 serve.wait(timeout=10)
