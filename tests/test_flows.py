@@ -3,6 +3,7 @@ harness and a real local server with the event-triggered deployment (slow)."""
 
 import atexit
 import copy
+import datetime
 import json
 import os
 import shutil
@@ -26,6 +27,9 @@ if "prefect" not in sys.modules and not os.environ.get("PREFECT_HOME"):
 from flows import artifacts as art  # noqa: E402
 from moecl.cli import main  # noqa: E402
 from tests.test_cli_core import write_task_folder  # noqa: E402
+
+FAR_CRON = f"0 0 1 {(datetime.date.today().month + 5) % 12 + 1} *"  # ~6 months away: past Prefect's 100-day
+# scheduling horizon, so the poll deployment gets no pre-created Scheduled run during a test
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,7 +187,7 @@ def data_workspace(tmp_path, two_tasks, monkeypatch):
     write_task_folder(tmp_path / "data" / "tasks", two_tasks[0])
     write_task_folder(tmp_path / "data" / "tasks", two_tasks[1])
     (tmp_path / "data.dvc").write_text("outs:\n- md5: 5d41402abc4b2a76b9719d911017c592.dir\n  path: data\n")
-    (tmp_path / "params.yaml").write_text("flow:\n  poll_cron: '0 0 1 1 *'\n")
+    (tmp_path / "params.yaml").write_text(f"flow:\n  poll_cron: '{FAR_CRON}'\n")
     return tmp_path
 
 
@@ -417,7 +421,7 @@ def test_served_deployment_runs_when_a_dataset_lands(tmp_path, tiny_tok, two_tas
                 "train": {"epochs": 1, "lr": 0.005, "max_length": 64, "evals_per_epoch": 1},
                 "evaluate": {"fwt": False},
                 "flow": {
-                    "poll_cron": "0 0 1 1 *",
+                    "poll_cron": FAR_CRON,
                     "concurrency_limit": 1,
                 },  # the poll never fires during the test
             }

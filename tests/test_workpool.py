@@ -2,6 +2,7 @@
 cheap parts of `moecl deploy`."""
 
 import atexit
+import datetime
 import json
 import os
 import shutil
@@ -23,6 +24,9 @@ if "prefect" not in sys.modules and not os.environ.get("PREFECT_HOME"):
 
 from flows import artifacts as art  # noqa: E402
 from tests.test_cli_core import write_task_folder  # noqa: E402
+
+FAR_CRON = f"0 0 1 {(datetime.date.today().month + 5) % 12 + 1} *"  # ~6 months away: past Prefect's 100-day
+# scheduling horizon, so the poll deployment gets no pre-created Scheduled run during a test
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "moecl-test-pool"
@@ -122,7 +126,7 @@ def test_worker_of_a_process_pool_runs_the_triggered_deployment(tmp_path, tiny_t
                 "model": {"name_or_path": str(model_dir)},
                 "train": {"epochs": 1, "lr": 0.005, "max_length": 64, "evals_per_epoch": 1, "threads": 2},
                 "evaluate": {"fwt": False},
-                "flow": {"poll_cron": "0 0 1 1 *", "concurrency_limit": 1},  # the poll never fires here
+                "flow": {"poll_cron": FAR_CRON, "concurrency_limit": 1},  # the poll never fires here
             }
         )
     )
@@ -177,7 +181,7 @@ def test_worker_of_a_process_pool_runs_the_triggered_deployment(tmp_path, tiny_t
                 assert d.parameters == {"params_path": "params.yaml"}
                 assert d.global_concurrency_limit is not None and d.global_concurrency_limit.limit == 1
             poll = client.read_deployment_by_name("self-evolve/poll")
-            assert poll.schedules and poll.schedules[0].schedule.cron == "0 0 1 1 *"
+            assert poll.schedules and poll.schedules[0].schedule.cron == FAR_CRON
 
             t_publish = time.monotonic()
             publish = subprocess.run(
