@@ -277,14 +277,21 @@ def _collect(big: bool) -> None:
             torch.cuda.empty_cache()
 
 
-def measure_method(
-    base: BaseSpec, preset, method: str, mode: str, n_tasks: int, *, inference: bool = True
-) -> dict:
+def contender(base: BaseSpec, preset, method: str, mode: str, n_tasks: int):
+    """(model, params, newest task id, its fixed batches): what a cost measurement of `method` runs on."""
     cost = preset.cost
     model, tokenizer, params = build(base, preset, method, mode, n_tasks)
     task_id = f"s{n_tasks - 1}"
     memory = params.method.memory_per_task
     batches = fixed_batches(model, tokenizer, task_id, cost.batch_size, cost.seq_len, 2, preset.seed, memory)
+    return model, params, task_id, batches
+
+
+def measure_method(
+    base: BaseSpec, preset, method: str, mode: str, n_tasks: int, *, inference: bool = True
+) -> dict:
+    cost = preset.cost
+    model, params, task_id, batches = contender(base, preset, method, mode, n_tasks)
     device = _device(model)
     with PeakMemory(device) as peak:  # the peak is reached in the first step; the times are replaced later
         train = time_train_steps(model, params, task_id, batches, 0, max(cost.warmup, 1))
@@ -316,21 +323,10 @@ def interleaved_times(base: BaseSpec, preset, mode: str, contenders: dict) -> di
     """Training-step times of every contender ({key: (method, n_tasks)}), all alive at once and timed in
     interleaved rounds (interleaved_train_times)."""
     cost = preset.cost
-    steppers = {}
-    for key, (method, n_tasks) in contenders.items():
-        model, tokenizer, params = build(base, preset, method, mode, n_tasks)
-        task_id = f"s{n_tasks - 1}"
-        batches = fixed_batches(
-            model,
-            tokenizer,
-            task_id,
-            cost.batch_size,
-            cost.seq_len,
-            2,
-            preset.seed,
-            params.method.memory_per_task,
-        )
-        steppers[key] = TrainStepper(model, params, task_id, batches)
+    steppers = {
+        key: TrainStepper(*contender(base, preset, method, mode, n_tasks))
+        for key, (method, n_tasks) in contenders.items()
+    }
     times = interleaved_train_times(steppers, cost.warmup, cost.repeats)
     big = any(_is_big(s.model) for s in steppers.values())
     del steppers

@@ -166,17 +166,8 @@ def champion_plots() -> Path | None:
     champion = Registry(WORKSPACE / "registry", WORKSPACE).champion()
     if champion is None or not champion.metrics.get("matrix"):
         return None
-    m = champion.metrics
-    rows = [{t: v for t, v in zip(m["order"], row) if v is not None} for row in m["matrix"]]
-    metrics = ContinualMetrics(
-        order=m["order"],
-        matrix=rows,
-        before_training=m.get("before_training") or {},
-        zero_shot=m.get("zero_shot") or {},
-        steps=m.get("steps"),
-    )
     out = WORKSPACE / "plots" / f"champion-{champion.version}"
-    write_plots(metrics, out)
+    write_plots(ContinualMetrics.from_dict(champion.metrics), out)
     return out
 
 

@@ -460,10 +460,12 @@ class InvalidVersions(DataValidationError):
     def __init__(self, errors: list[tuple[PendingVersion, DataValidationError]], outcomes: list):
         self.errors = errors
         self.outcomes = outcomes
-        self.issues = [issue for _, exc in errors for issue in exc.issues]
+        names = ", ".join(f"{p.task_id}@{p.data_hash[:12]}" for p, _ in errors)
         done = f"; the other {len(outcomes)} version(s) were processed" if outcomes else ""
-        listed = "\n".join(f"{p.task_id}@{p.data_hash[:12]}: {exc}" for p, exc in errors)
-        MoeclError.__init__(self, f"{len(errors)} dataset version(s) failed validation{done}:\n{listed}")
+        super().__init__(
+            [issue for _, exc in errors for issue in exc.issues],
+            what=f"{len(errors)} dataset version(s) ({names}{done})",
+        )
 
 
 def evolve_pending(

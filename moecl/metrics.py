@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
@@ -69,6 +70,18 @@ class ContinualMetrics:
     @property
     def fwt(self) -> float:
         return fwt(self.order, self.before_training, self.zero_shot)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ContinualMetrics:
+        """Back from as_dict's shape (metrics/cl.json, a registry record's metrics)."""
+        order = list(data["order"])
+        return cls(
+            order=order,
+            matrix=[{t: v for t, v in zip(order, row) if v is not None} for row in data["matrix"]],
+            before_training=dict(data.get("before_training") or {}),
+            zero_shot=dict(data.get("zero_shot") or {}),
+            steps=data.get("steps"),
+        )
 
     def as_dict(self) -> dict:
         """The shape of metrics/cl.json."""

@@ -80,3 +80,17 @@ def test_stripping_rate():
     assert stripping_rate(scores, positive, 0.9) == pytest.approx(0.5)
     assert stripping_rate(scores, positive, 0.75) == pytest.approx(5 / 6)
     assert stripping_rate([0.9], [False], 0.9) == 0.0
+
+
+def test_continual_metrics_round_trip_through_their_json_shape():
+    from moecl.metrics import ContinualMetrics
+
+    m = ContinualMetrics(
+        order=["a", "b", "c"],
+        matrix=[{"a": 0.9}, {"a": 0.8, "b": 0.7}, {"a": 0.6, "b": 0.75, "c": 0.5}],
+        before_training={"b": 0.3, "c": 0.2},
+        zero_shot={"b": 0.25, "c": 0.1},
+    )
+    back = ContinualMetrics.from_dict(m.as_dict())
+    assert back.as_dict() == m.as_dict()
+    assert back.matrix == m.matrix and back.steps == m.steps

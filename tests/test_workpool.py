@@ -2,7 +2,6 @@
 cheap parts of `moecl deploy`."""
 
 import atexit
-import datetime
 import json
 import os
 import shutil
@@ -24,9 +23,7 @@ if "prefect" not in sys.modules and not os.environ.get("PREFECT_HOME"):
 
 from flows import artifacts as art  # noqa: E402
 from tests.test_cli_core import write_task_folder  # noqa: E402
-
-FAR_CRON = f"0 0 1 {(datetime.date.today().month + 5) % 12 + 1} *"  # ~6 months away: past Prefect's 100-day
-# scheduling horizon, so the poll deployment gets no pre-created Scheduled run during a test
+from tests.test_flows import FAR_CRON  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "moecl-test-pool"

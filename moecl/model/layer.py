@@ -82,7 +82,7 @@ class MoEFeedForward(nn.Module):
 
     # --- structure -------------------------------------------------------------------------------------
     def add_expert(self, name: str, targets: list[str], r: int, scale: float, dropout: float) -> Expert:
-        expert = Expert(self.hidden, self.intermediate, targets, r, scale, dropout)
+        expert = Expert(self.hidden, self.intermediate, targets, r, scale)
         self.experts[name] = expert.to(self.base.down_proj.weight.device)
         self.dropout = dropout
         self.down_targeted = self.down_targeted or "down_proj" in expert
@@ -126,7 +126,8 @@ class MoEFeedForward(nn.Module):
     def _add(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
         return base if delta is None else base + delta.to(base.dtype)
 
-    def _lora_input(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    @staticmethod
+    def _lora_input(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return x if mask is None else x * mask
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:

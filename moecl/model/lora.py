@@ -60,9 +60,7 @@ PROJECTION_SHAPES = {  # projection -> (input is hidden?, output is hidden?)
 class Expert(nn.ModuleDict):
     """One expert of one layer: a LoRA delta on each targeted FFN projection."""
 
-    def __init__(
-        self, hidden: int, intermediate: int, targets: list[str], r: int, scale: float, dropout: float
-    ):
+    def __init__(self, hidden: int, intermediate: int, targets: list[str], r: int, scale: float):
         sizes = {"hidden": hidden, "intermediate": intermediate}
         super().__init__(
             {
@@ -72,4 +70,3 @@ class Expert(nn.ModuleDict):
                 for name in targets
             }
         )
-        self.dropout = dropout  # the rate of dropout on this expert's inputs (applied by MoEFeedForward)
