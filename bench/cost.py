@@ -20,14 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bench.params import method_params
 from moecl.bank import new_model
 from moecl.model.base import BaseSpec
-from moecl.model.encoding import IGNORE_INDEX, Encoded, collate, pad_id
+from moecl.model.encoding import Encoded, collate, pad_id
 from moecl.model.moecl_model import MoECLModel, TaskInfo
-from moecl.train.loop import MemorySampler
+from moecl.train.loop import MemorySampler, task_loss
 from moecl.train.terms import build_terms
 
 N_LABELS = 4
@@ -158,20 +157,6 @@ def _median(times: list[float]) -> float:
     return statistics.median(times) if times else float("nan")
 
 
-def task_loss(model: MoECLModel, batch, task_id: str) -> torch.Tensor:
-    """The training loop's task loss: the head's cross-entropy, or the LM loss on the answer tokens; the
-    discriminator-memory rows are ignore indices in both."""
-    if model.mode == "classifier":
-        logits = model.classify(batch.input_ids, batch.attention_mask, task_id)
-        return F.cross_entropy(logits.float(), batch.class_labels, ignore_index=-1)
-    logits = model.lm_logits(batch.input_ids, batch.attention_mask).float()
-    return F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]),
-        batch.lm_labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
-
-
 class TrainStepper:
     """One method's training step on its fixed batches, timed: the loop's forward (under `routed`), its loss
     terms, backward and AdamW over exactly what a step on the newest task trains."""
@@ -199,7 +184,7 @@ class TrainStepper:
             collect_discriminator=self.alpha > 0,
             reverse_scale=self.alpha,
         ) as routing:
-            loss = task_loss(model, batch, self.task_id)
+            loss = task_loss(model, model.mode, batch, self.task_id)[0]
             for term in self.terms:
                 for value in term(model, batch, routing).values():
                     loss = loss + value
@@ -245,7 +230,7 @@ def time_inference(
     model: MoECLModel, task_id: str, input_ids, attention_mask, warmup: int, repeats: int
 ) -> list[float]:
     """Seconds of each timed forward pass over these rows of one task: the head's logits (classifier), or the
-    LM logits over the prompt (instruction: what generation's prefill costs)."""
+    LM logits of the prompt's last position (instruction: what generation's prefill costs)."""
     device = _device(model)
     tasks = [task_id] * input_ids.shape[0]
     model.eval()
@@ -257,10 +242,24 @@ def time_inference(
             if model.mode == "classifier":
                 model.classify(input_ids, attention_mask, task_id)
             else:
-                model.lm_logits(input_ids, attention_mask)
+                model.lm_logits(input_ids, attention_mask, keep_last=1)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    return times
+
+
+def interleaved_latency(contenders: dict, warmup: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Round robin over {key: (model, task_id, input_ids, attention_mask)}: every round times one batched
+    forward pass and one batch-1 pass of each contender in turn (as interleaved_train_times does for steps)."""
+    times = {key: {"batched": [], "single": []} for key in contenders}
+    for i in range(warmup + rounds):
+        for key, (model, task_id, ids, mask) in contenders.items():
+            batched = time_inference(model, task_id, ids, mask, 0, 1)
+            single = time_inference(model, task_id, ids[:1], mask[:1], 0, 1)
+            if i >= warmup:
+                times[key]["batched"] += batched
+                times[key]["single"] += single
     return times
 
 
@@ -319,19 +318,33 @@ def measure_method(
     return out
 
 
-def interleaved_times(base: BaseSpec, preset, mode: str, contenders: dict) -> dict:
+def interleaved_times(base: BaseSpec, preset, mode: str, contenders: dict, *, latency: bool = False):
     """Training-step times of every contender ({key: (method, n_tasks)}), all alive at once and timed in
-    interleaved rounds (interleaved_train_times)."""
+    interleaved rounds (interleaved_train_times); with `latency`, their forward-pass times too, also in
+    interleaved rounds (interleaved_latency). Returns (step times, latency times or None)."""
     cost = preset.cost
     steppers = {
         key: TrainStepper(*contender(base, preset, method, mode, n_tasks))
         for key, (method, n_tasks) in contenders.items()
     }
     times = interleaved_train_times(steppers, cost.warmup, cost.repeats)
+    latencies = None
+    if latency:
+        inputs = {
+            key: (
+                s.model,
+                s.task_id,
+                s.batches[0].input_ids[: cost.batch_size],
+                s.batches[0].attention_mask[: cost.batch_size],
+            )
+            for key, s in steppers.items()
+        }
+        latencies = interleaved_latency(inputs, cost.warmup, cost.repeats)
+        del inputs
     big = any(_is_big(s.model) for s in steppers.values())
     del steppers
     _collect(big)
-    return times
+    return times, latencies
 
 
 def _retime(rows: list[dict], times: dict, key: str = "method") -> None:
@@ -340,6 +353,14 @@ def _retime(rows: list[dict], times: dict, key: str = "method") -> None:
         row["train_step_s"] = round(_median(times[row[key]]), 5)
         row["train_step_all_s"] = [round(t, 5) for t in times[row[key]]]
         row["train_step_timing"] = "interleaved"
+
+
+def _retime_latency(rows: list[dict], latencies: dict, batch_size: int) -> None:
+    for row in rows:
+        measured = latencies[row["method"]]
+        row["latency_ms_per_sample"] = round(1000 * _median(measured["batched"]) / batch_size, 4)
+        row["latency_ms_batch1"] = round(1000 * _median(measured["single"]), 4)
+        row["latency_timing"] = "interleaved"
 
 
 def _round1(value):
@@ -359,9 +380,11 @@ def _ratios(rows: list[dict]) -> None:
     for r in rows:
         r["train_step_vs_seq_lora"] = _ratio(r["train_step_s"], seq.get("train_step_s"))
         r["latency_vs_per_task_lora"] = _ratio(
-            r["latency_ms_per_sample"], per_task.get("latency_ms_per_sample")
+            r.get("latency_ms_per_sample"), per_task.get("latency_ms_per_sample")
         )
-        r["latency_b1_vs_per_task_lora"] = _ratio(r["latency_ms_batch1"], per_task.get("latency_ms_batch1"))
+        r["latency_b1_vs_per_task_lora"] = _ratio(
+            r.get("latency_ms_batch1"), per_task.get("latency_ms_batch1")
+        )
 
 
 def run_costs(base: BaseSpec, preset, methods: list[str], *, log=print, checkpoint=None) -> dict:
@@ -397,13 +420,15 @@ def run_costs(base: BaseSpec, preset, methods: list[str], *, log=print, checkpoi
     for mode in cost.modes:
         rows = out["modes"].setdefault(mode, [])
         for method in timed:
-            log(f"cost: {mode} {method} ({cost.tasks} tasks): memory and latency")
-            rows.append(measure_method(base, preset, method, mode, cost.tasks))
+            log(f"cost: {mode} {method} ({cost.tasks} tasks): memory")
+            rows.append(measure_method(base, preset, method, mode, cost.tasks, inference=False))
             _ratios(rows)
             done()
-        log(f"cost: {mode}: {cost.repeats} interleaved rounds of training steps")
+        log(f"cost: {mode}: {cost.repeats} interleaved rounds of training steps, then of forward passes")
         contenders = {r["method"]: (r["method"], cost.tasks) for r in rows}
-        _retime(rows, interleaved_times(base, preset, mode, contenders))
+        times, latencies = interleaved_times(base, preset, mode, contenders, latency=True)
+        _retime(rows, times)
+        _retime_latency(rows, latencies, cost.batch_size)
         _ratios(rows)
         done()
     mode = cost.modes[0]
@@ -415,7 +440,7 @@ def run_costs(base: BaseSpec, preset, methods: list[str], *, log=print, checkpoi
             done()
         log(f"cost: scaling {mode} {method}: {cost.repeats} interleaved rounds")
         contenders = {p["tasks"]: (method, p["tasks"]) for p in block["points"]}
-        _retime(block["points"], interleaved_times(base, preset, mode, contenders), key="tasks")
+        _retime(block["points"], interleaved_times(base, preset, mode, contenders)[0], key="tasks")
         first = block["points"][0]["train_step_s"]
         for point in block["points"]:
             point["vs_first"] = _ratio(point["train_step_s"], first)

@@ -20,22 +20,17 @@ from moecl.data.task import TaskData
 from moecl.evaluate import evaluate_model
 from moecl.metrics import ContinualMetrics
 from moecl.model.base import BaseSpec
-from moecl.model.encoding import IGNORE_INDEX, Encoder, collate, pad_id
+from moecl.model.encoding import Encoder, collate, pad_id
 from moecl.model.moecl_model import MoECLModel, TaskInfo
 from moecl.sampling import split_dev, stratified_sample
-from moecl.train.loop import dev_accuracy
+from moecl.train.loop import dev_accuracy, task_loss
 from moecl.train.step import seed_everything
 
 
 def joint_loss(model: MoECLModel, batch) -> torch.Tensor:
     """Mean task loss of a mixed batch: each row's own head (classifier) or the answer tokens' LM loss."""
     if model.mode == "instruction":
-        logits = model.lm_logits(batch.input_ids, batch.attention_mask).float()
-        return F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            batch.lm_labels[:, 1:].reshape(-1),
-            ignore_index=IGNORE_INDEX,
-        )
+        return task_loss(model, "instruction", batch, None)[0]
     last = model.decoder_hidden(batch.input_ids, batch.attention_mask)[:, -1, :]
     total = last.new_zeros((), dtype=torch.float32)
     for task_id in sorted(set(batch.tasks)):

@@ -88,11 +88,12 @@ _SMOKE_MODE = ModeSize(
 )
 
 _CPU_MODES = {
-    # Instruction mode carries the comparison on CPU: 8 examples/class, 2 epochs, 32 test records per task
-    # (about 62 steps of 8 x 128 tokens and ~450 greedy generations per run: ~7 min per method uncontended).
-    "instruction": ModeSize(per_class=8, test_per_task=32, epochs=2, lr=5e-4, batch_size=8, max_length=128),
+    # Instruction mode carries the comparison on CPU: 6 examples/class, 2 epochs, 24 test records per task,
+    # prompts cut at 112 tokens (about 48 steps of 8 x 112 tokens and ~300 greedy generations per run: ~5 min
+    # per method on 2 cores). Sized so that the whole preset stays under an hour there.
+    "instruction": ModeSize(per_class=6, test_per_task=24, epochs=2, lr=5e-4, batch_size=8, max_length=112),
     # Classifier heads at CPU sizes cannot separate the methods: kept small, as a check of the path.
-    "classifier": ModeSize(per_class=4, test_per_task=32, epochs=1, lr=1e-3, batch_size=8, max_length=64),
+    "classifier": ModeSize(per_class=4, test_per_task=24, epochs=1, lr=1e-3, batch_size=8, max_length=64),
 }
 
 PRESETS = {
@@ -116,17 +117,17 @@ PRESETS = {
     ),
     "cpu": Preset(
         name="cpu",
-        description="SmolLM2-135M-Instruct on 2 CPU cores, order1, both modes (about 90 minutes)",
+        description="SmolLM2-135M-Instruct on 2 CPU cores, order1, both modes (under an hour)",
         backbone="params",
         data="mtl5",
         orders={"order1": MTL5_ORDERS["order1"]},
         modes=_CPU_MODES,
-        cost=CostSize(batch_size=8, seq_len=128, warmup=1, repeats=5),
+        cost=CostSize(batch_size=8, seq_len=128, warmup=1, repeats=3),
         threads=2,
     ),
     "cpu-full": Preset(
         name="cpu-full",
-        description="SmolLM2-135M-Instruct on CPU, all three orders, both modes (about four hours)",
+        description="SmolLM2-135M-Instruct on CPU, all three orders, both modes (about three hours)",
         backbone="params",
         data="mtl5",
         orders=MTL5_ORDERS,

@@ -243,9 +243,10 @@ def _cost_markdown(cost: dict) -> list[str]:
         f"Fixed random batches of {s['batch_size']} x {s['seq_len']} tokens, {s['tasks']} tasks in the model, "
         f"{s['threads']} torch threads. Step time: the median of {s['repeats']} interleaved rounds (every "
         f"method's model alive, each round one step of each in turn) after {s['warmup']} warm-up rounds. "
-        f"Latency: {s['warmup']} warm-up passes, then the median of {s['repeats']}. "
-        "Train step = forward + backward + AdamW on what a step on the newest task trains. Latency = one "
-        "forward pass (classifier: head logits; instruction: LM logits, i.e. the prompt's prefill). moecl_mem's "
+        f"Latency: the same way, {s['warmup']} warm-up rounds then the median of {s['repeats']} interleaved "
+        "rounds. Train step = forward + backward + AdamW on what a step on the newest task trains. Latency = one "
+        "forward pass (classifier: head logits; instruction: the prompt's prefill, LM logits of the last "
+        "position as generation computes them). moecl_mem's "
         "batches carry the discriminator-memory rows. mtl costs what seq_lora costs.",
         "",
     ]

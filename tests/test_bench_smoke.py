@@ -77,6 +77,7 @@ def test_cost_figures(smoke) -> None:
         for r in rows.values():
             assert r["train_step_s"] > 0 and r["latency_ms_per_sample"] > 0 and r["peak_memory_mb"] > 0
             assert r["train_step_timing"] == "interleaved" and len(r["train_step_all_s"]) == repeats
+            assert r["latency_timing"] == "interleaved" and r["latency_ms_batch1"] > 0
         # moecl_mem's batches carry the discriminator-memory rows
         assert rows["moecl_mem"]["batch_rows"] > rows["moecl"]["batch_rows"]
     scaling = cost["scaling"]["moecl"]["points"]

@@ -24,7 +24,7 @@ def test_shares_cover_every_row_once_and_weights_average_to_the_global_mean():
 def _gradients(model, batches_and_weights, task_id, alpha):
     """Sum over (batch, denominator, row_weight, empty) of the weighted loss's gradient, divided by their number
     (what DDP's all-reduce average computes), as a flat vector over the trainable parameters."""
-    from moecl.train.loop import _task_loss
+    from moecl.train.loop import task_loss
     from moecl.train.terms import build_terms
 
     params = model.trainable_parameters(task_id)
@@ -34,7 +34,7 @@ def _gradients(model, batches_and_weights, task_id, alpha):
         with model.routed(
             batch.tasks, attention_mask=batch.attention_mask, collect_discriminator=True, reverse_scale=alpha
         ) as routing:
-            loss, _ = _task_loss(model, model.mode, batch, task_id, denominator)
+            loss, _ = task_loss(model, model.mode, batch, task_id, denominator)
             named = {}
             for term in terms:
                 named.update(term(model, batch, routing))

@@ -265,3 +265,94 @@ def test_dropout_keep_mask_drops_p_and_keeps_the_mean():
     assert rows_dropped.min() > 0.0 and rows_dropped.max() < 0.15
     cols_dropped = (mask == 0).float().mean(dim=0)
     assert cols_dropped.max() < 0.15
+
+
+def test_the_answer_window_loss_equals_the_loss_over_every_position(tiny_base, fast_params, two_tasks):
+    """The LM head runs on the answer window only: the loss and every gradient are those of the full logits
+    (answers of different lengths, left padding and a label-free memory row in one batch)."""
+    import torch.nn.functional as F
+
+    from moecl.model.encoding import IGNORE_INDEX, Encoded, Encoder, collate, pad_id
+    from moecl.train.loop import task_loss
+
+    base_model, tok = tiny_base.load()
+    fast_params.lora.dropout = 0.0
+    model = MoECLModel(base_model, fast_params.lora, fast_params.method)
+    old, new = two_tasks
+    for t in (old, new):
+        model.add_task(TaskInfo(t.task_id, list(t.labels)))
+    with torch.no_grad():  # non-zero B everywhere, so every LoRA parameter gets a gradient
+        for name, p in model.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(0, 0.05)
+    model.train()
+    enc = Encoder(tok, new.task_id, new.labels, new.instruction, "instruction", 64)
+    items = [enc.encode(r.text, r.label) for r in new.train[:5]]
+    memory = [Encoded(enc.encode(old.train[0].text).input_ids, 10**6, -1, old.task_id)]
+    batch = collate(items + memory, pad_id(tok), [True] * 5 + [False])
+    width = batch.input_ids.shape[1]
+    window = batch.answer_window()
+    assert 2 < window < width
+    assert (batch.lm_labels[:, : width - window + 1] == IGNORE_INDEX).all()  # no label left outside it
+    assert len({len(e.input_ids) - e.answer_start for e in items}) > 1  # answers of different lengths
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(compute):
+        with model.routed(batch.tasks, attention_mask=batch.attention_mask):
+            loss = compute()
+        return loss.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    def full():
+        logits = model.lm_logits(batch.input_ids, batch.attention_mask).float()
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            batch.lm_labels[:, 1:].reshape(-1),
+            ignore_index=IGNORE_INDEX,
+        )
+
+    reference, reference_grads = loss_and_grads(full)
+    windowed, grads = loss_and_grads(lambda: task_loss(model, "instruction", batch, new.task_id)[0])
+    torch.testing.assert_close(windowed, reference)
+    for g, r in zip(grads, reference_grads):
+        if r is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)
+    assert any(r is not None and r.abs().max() > 0 for r in reference_grads)
+
+
+def test_option_scores_are_each_options_likelihood_after_its_prompt(tiny_base, tiny_tok, two_tasks):
+    """Likelihood scoring (batched, left-padded, LM head on the answer window only) gives, per text, the
+    softmax over options of log p(option | prompt) computed one unpadded sequence at a time."""
+    from moecl.model.encoding import Encoder
+    from moecl.model.inference import option_scores
+
+    base_model, tok = tiny_base.load()
+    task = two_tasks[0]
+    info = TaskInfo(task.task_id, list(task.labels), task.instruction)
+    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl", mode="instruction"))
+    model.add_task(info)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(0, 0.05)
+    model.eval()
+    texts = [r.text for r in task.test[:3]]
+    scores = option_scores(model, tok, info, texts, max_length=64, batch_size=4)
+
+    enc = Encoder(tok, info.task_id, info.labels, info.instruction, "instruction", 64)
+    eos = tok.eos_token_id
+    for text, got in zip(texts, scores):
+        prompt = enc.encode(text, with_answer=False).input_ids
+        loglik = []
+        for label in info.labels:
+            answer = enc.answer_ids[label]
+            answer = answer[:-1] if (len(answer) > 1 and answer[-1] == eos) else answer
+            ids = torch.tensor([prompt + answer])
+            with torch.no_grad(), model.routed([info.task_id]):
+                logp = torch.log_softmax(model.lm_logits(ids, torch.ones_like(ids)).float()[0], -1)
+            loglik.append(sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(answer)))
+        expected = torch.softmax(torch.tensor(loglik), -1)
+        torch.testing.assert_close(
+            torch.tensor([got[label] for label in info.labels]), expected, rtol=1e-4, atol=1e-5
+        )

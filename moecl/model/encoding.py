@@ -95,6 +95,24 @@ class Batch:
             self.for_task_loss.to(device),
         )
 
+    def answer_window(self) -> int:
+        """How many final positions' LM logits the answer tokens need (0: none carries a label).
+
+        Inputs are left-padded and each answer ends its row, so every answer token is predicted from one of the
+        batch's last k positions, k = the longest answer + 1 (at most the width). The LM head then projects
+        k positions instead of all of them: with a 49k vocabulary it is a fifth of a small model's FLOPs.
+        """
+        labelled = (self.lm_labels != IGNORE_INDEX).any(dim=0).nonzero()
+        if labelled.numel() == 0:
+            return 0
+        width = self.lm_labels.shape[1]
+        return min(width, width - int(labelled[0, 0]) + 1)
+
+    def answer_targets(self, window: int) -> torch.Tensor:
+        """The labels predicted by the logits of the last `window` positions but the final one."""
+        width = self.lm_labels.shape[1]
+        return self.lm_labels[:, width - window + 1 :]
+
     def select(self, rows: list[int]) -> Batch:
         """These rows only (same width: the padding stays as it was)."""
         index = torch.tensor(rows, dtype=torch.long, device=self.input_ids.device)

@@ -10,6 +10,7 @@ SmolLM). The base weights are frozen and never change. Which experts a forward p
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -240,14 +241,28 @@ class MoECLModel(nn.Module):
         head = self.heads[task_id]
         return head(hidden[:, -1, :].to(head.weight.dtype))
 
-    def lm_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def lm_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0
+    ) -> torch.Tensor:
+        """LM logits of every position, or of the last `keep_last` positions only (the base model's own
+        `logits_to_keep` where its forward takes one, else computed in full and sliced)."""
+        extra = {}
+        if keep_last and self._takes_logits_to_keep():
+            extra["logits_to_keep"] = keep_last
         out = self.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=self.position_ids(attention_mask),
             use_cache=False,
+            **extra,
         )
-        return out.logits
+        logits = out.logits
+        if keep_last and logits.shape[1] > keep_last:
+            logits = logits[:, -keep_last:]
+        return logits
+
+    def _takes_logits_to_keep(self) -> bool:
+        return "logits_to_keep" in inspect.signature(self.base_model.forward).parameters
 
     def forward(
         self,
@@ -255,10 +270,12 @@ class MoECLModel(nn.Module):
         attention_mask: torch.Tensor,
         task_id: str | None = None,
         output: str = "classify",
+        keep_last: int = 0,
     ) -> MoECLOutput:
         """One forward pass, for training under a wrapper such as DDP. Call inside `routed(...)`.
 
-        output="classify": the head logits of `task_id` (`classify`); output="lm": the LM logits (`lm_logits`).
+        output="classify": the head logits of `task_id` (`classify`); output="lm": the LM logits (`lm_logits`,
+        of the last `keep_last` positions when it is not 0).
         The discriminator logits the routing collected are returned too, so that a wrapper which looks for the
         parameters a pass used (DDP with find_unused_parameters) finds the discriminators as well.
         """
@@ -267,7 +284,7 @@ class MoECLModel(nn.Module):
                 raise MoeclError("forward(output='classify') needs a task_id")
             logits = self.classify(input_ids, attention_mask, task_id)
         elif output == "lm":
-            logits = self.lm_logits(input_ids, attention_mask)
+            logits = self.lm_logits(input_ids, attention_mask, keep_last)
         else:
             raise MoeclError(f"forward: output={output!r} is not 'classify' or 'lm'")
         return MoECLOutput(logits, tuple(self.routing.discriminator_logits))

@@ -79,25 +79,25 @@ def _task_targets(batch, mode: str) -> int:
     return int((batch.lm_labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def _task_loss(net, mode: str, batch, task_id: str, denominator: float | None = None):
+def task_loss(net, mode: str, batch, task_id: str | None, denominator: float | None = None):
     """The task loss and the forward pass's output. `net` is the model, or its DDP wrapper.
 
-    The mean over the batch's targets; with `denominator`, the sum divided by it (a share of a global batch).
+    Classifier: the head's cross-entropy. Instruction: the LM loss on the answer tokens, with the LM head run
+    only on the positions that predict them (`Batch.answer_window`). Discriminator-memory rows carry ignore
+    labels in both. The mean over the batch's targets; with `denominator`, the sum divided by it (a share
+    of a global batch).
     """
-    out = net(
-        batch.input_ids,
-        batch.attention_mask,
-        task_id=task_id,
-        output="classify" if mode == "classifier" else "lm",
-    )
     reduction = "mean" if denominator is None else "sum"
     if mode == "classifier":
+        out = net(batch.input_ids, batch.attention_mask, task_id=task_id, output="classify")
         loss = F.cross_entropy(out.logits.float(), batch.class_labels, ignore_index=-1, reduction=reduction)
     else:
-        logits = out.logits.float()
+        window = max(batch.answer_window(), 1)
+        out = net(batch.input_ids, batch.attention_mask, task_id=task_id, output="lm", keep_last=window)
+        logits = out.logits.float()[:, :-1]
         loss = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]),
-            batch.lm_labels[:, 1:].reshape(-1),
+            logits.reshape(-1, logits.shape[-1]),
+            batch.answer_targets(window).reshape(-1),
             ignore_index=IGNORE_INDEX,
             reduction=reduction,
         )
@@ -195,16 +195,16 @@ def train_on_task(
                 collect_discriminator=alpha > 0,
                 reverse_scale=alpha,
             ) as routing:
-                task_loss, _ = _task_loss(net, model.mode, batch, task.task_id, denominator)
+                main_loss, _ = task_loss(net, model.mode, batch, task.task_id, denominator)
                 named = {}
                 for term in terms:
                     named.update(term(model, batch, routing))
             if world > 1:
                 if share.empty:
-                    task_loss = task_loss * 0.0
+                    main_loss = main_loss * 0.0
                 if "discriminator" in named:
                     named["discriminator"] = named["discriminator"] * share.row_weight
-            loss = task_loss + sum(named.values()) if named else task_loss
+            loss = main_loss + sum(named.values()) if named else main_loss
             optimizer.zero_grad(set_to_none=True)
             if accelerator is not None:
                 accelerator.backward(loss)
@@ -212,7 +212,7 @@ def train_on_task(
                 loss.backward()
             optimizer.step()
             step += 1
-            l_task = float(task_loss.detach())
+            l_task = float(main_loss.detach())
             l_adv = float(named["discriminator"].detach()) if "discriminator" in named else 0.0
             penalty = (
                 float(sum(v.detach() for k, v in named.items() if k != "discriminator")) if named else 0.0
