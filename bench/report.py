@@ -237,14 +237,14 @@ def _mb(value) -> str:
 
 def _cost_markdown(cost: dict) -> list[str]:
     s = cost["settings"]
+    warmup = f"{s['warmup']} warm-up round" + ("" if s["warmup"] == 1 else "s")
     lines = [
         "## Cost",
         "",
         f"Fixed random batches of {s['batch_size']} x {s['seq_len']} tokens, {s['tasks']} tasks in the model, "
         f"{s['threads']} torch threads. Step time: the median of {s['repeats']} interleaved rounds (every "
-        f"method's model alive, each round one step of each in turn) after {s['warmup']} warm-up rounds. "
-        f"Latency: the same way, {s['warmup']} warm-up rounds then the median of {s['repeats']} interleaved "
-        "rounds. Train step = forward + backward + AdamW on what a step on the newest task trains. Latency = one "
+        f"method's model alive, each round one step of each in turn) after {warmup}. Latency: the same "
+        f"way, {warmup} then the median of {s['repeats']} interleaved rounds. Train step = forward + backward + AdamW on what a step on the newest task trains. Latency = one "
         "forward pass (classifier: head logits; instruction: the prompt's prefill, LM logits of the last "
         "position as generation computes them). moecl_mem's "
         "batches carry the discriminator-memory rows. mtl costs what seq_lora costs.",

@@ -42,9 +42,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--methods", nargs="+", help=f"subset of: {' '.join(METHODS)}")
     ap.add_argument("--modes", nargs="+", help="subset of: classifier instruction")
     ap.add_argument("--orders", nargs="+", help="subset of the preset's orders (order1 order2 order3)")
+    ap.add_argument(
+        "--tasks", nargs="+", help="keep only these tasks of each order (in the order's sequence)"
+    )
     ap.add_argument("--per-class", type=int, help="training examples per class (every mode)")
     ap.add_argument("--test-per-task", type=int, help="test records per task (every mode)")
     ap.add_argument("--epochs", type=int, help="epochs per task (every mode)")
+    ap.add_argument("--max-length", type=int, help="tokens per training / test prompt (every mode)")
     ap.add_argument("--no-cost", action="store_true", help="skip the cost micro-benchmarks")
     ap.add_argument("--cost-only", action="store_true", help="only the cost micro-benchmarks")
     ap.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
@@ -126,19 +130,26 @@ def _main(argv: list[str] | None) -> int:
         per_class=args.per_class,
         test_per_task=args.test_per_task,
         epochs=args.epochs,
+        max_length=args.max_length,
     )
     methods = _select(_list(args.methods), preset.methods, "methods")
     modes = _select(_list(args.modes), list(preset.modes), "modes")
     order_names = _select(_list(args.orders), list(preset.orders), "orders")
     orders = {name: preset.orders[name] for name in order_names}
+    if args.tasks:
+        known = sorted({t for order in orders.values() for t in order})
+        kept = _select(_list(args.tasks), known, "tasks")
+        orders = {name: [t for t in order if t in kept] for name, order in orders.items()}
     sliced = any(
         [
             args.methods,
             args.modes,
             args.orders,
+            args.tasks,
             args.per_class,
             args.test_per_task,
             args.epochs,
+            args.max_length,
             args.no_cost,
             args.cost_only,
         ]
@@ -173,7 +184,7 @@ def _main(argv: list[str] | None) -> int:
         "preset": preset.name,
         "name": name,
         "config": preset.as_dict(),
-        "selected": {"methods": methods, "modes": modes, "orders": order_names},
+        "selected": {"methods": methods, "modes": modes, "orders": order_names, "orders_run": orders},
         "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware(),

@@ -142,14 +142,31 @@ def evaluate(params: Params) -> None:
     )  # the bank is the train stage's output: never modify it
 
 
+def _challenger_metrics(manifest: dict):
+    """The evaluate stage's metrics/cl.json (the gate and promote read it rather than evaluating the bank
+    again), checked to be the challenger's: same tasks, its newest task last."""
+    from moecl.metrics import ContinualMetrics
+
+    path = Path(_outputs().cl_json)
+    if not path.is_file():
+        raise MoeclError(f"{path} is missing: run the evaluate stage first (`dvc repro`)")
+    metrics = ContinualMetrics.from_dict(json.loads(path.read_text()))
+    tasks = sorted(t["task_id"] for t in manifest["tasks"])
+    trained = manifest["lineage"]["trained_task"]
+    if sorted(metrics.order) != tasks or not metrics.steps or metrics.steps[-1] != trained:
+        raise MoeclError(
+            f"{path} does not belong to {CHALLENGER} (its tasks {sorted(metrics.order)}, last trained "
+            f"{metrics.steps[-1] if metrics.steps else None}; the challenger's {tasks}, last trained {trained}): "
+            "run `dvc repro` again"
+        )
+    return metrics
+
+
 def _gate_inputs(params: Params):
-    from moecl.evaluate import evaluate_bank, metrics_of
     from moecl.model.base import base_from_params
 
     manifest, tasks = _challenger_tasks(params)
-    base = base_from_params(params.model)
-    metrics = metrics_of(evaluate_bank(CHALLENGER, base, tasks, params, progress=False, write=False))
-    return manifest, tasks, base, metrics
+    return manifest, tasks, base_from_params(params.model), _challenger_metrics(manifest)
 
 
 def gate(params: Params) -> None:
@@ -176,11 +193,13 @@ def gate(params: Params) -> None:
 
 def promote(params: Params) -> None:
     """Register the pipeline's challenger (copied into banks/, since pipeline/ is rewritten by every repro)."""
+    from moecl.bank import read_manifest
     from moecl.evolve import record_decision, validate_version, version_for
     from moecl.gates import GateDecision
 
-    manifest, tasks, base, metrics = _gate_inputs(params)
-    decision = GateDecision.from_dict(json.loads(Path("metrics/gate.json").read_text()))
+    manifest = read_manifest(CHALLENGER)
+    metrics = _challenger_metrics(manifest)
+    decision = GateDecision.from_dict(json.loads(Path(_outputs().gate_json).read_text()))
     task_id = manifest["lineage"]["trained_task"]
     pending = version_for(params, task_id)
     registry = _registry(params)

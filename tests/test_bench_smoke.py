@@ -122,3 +122,27 @@ def test_time_budget_lists_what_did_not_run(tmp_path) -> None:
     assert result["finished"] and not result["runs"] and result["cost"] is None
     assert len(result["not_run"]) == 2 * (len(METHODS) - 1) * len(SYNTHETIC_ORDERS) + 2
     assert "Not run (time budget" in (tmp_path / "smoke-slice.md").read_text()
+
+
+def test_tasks_flag_keeps_those_tasks_in_each_orders_sequence(tmp_path) -> None:
+    from bench.run import main
+
+    argv = [
+        "--preset",
+        "smoke",
+        "--methods",
+        "per_task_lora",
+        "--modes",
+        "classifier",
+        "--no-cost",
+        "--quiet",
+    ]
+    assert main([*argv, "--tasks", "spam", "topic", "--max-length", "40", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "smoke-slice.json").read_text())
+    assert {r["order"]: r["tasks"] for r in result["runs"]} == {
+        "order1": ["topic", "spam"],
+        "order2": ["spam", "topic"],
+    }
+    assert result["config"]["modes"]["classifier"]["max_length"] == 40
+    with pytest.raises(SystemExit, match="unknown tasks: weather"):
+        main([*argv, "--tasks", "weather", "--out", str(tmp_path)])

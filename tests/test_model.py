@@ -356,3 +356,42 @@ def test_option_scores_are_each_options_likelihood_after_its_prompt(tiny_base, t
         torch.testing.assert_close(
             torch.tensor([got[label] for label in info.labels]), expected, rtol=1e-4, atol=1e-5
         )
+
+
+def test_a_mixed_batch_gives_each_expert_the_gradient_of_its_own_rows(tiny_base, tiny_tok):
+    """Rows routed to different experts in one batch: every parameter's gradient is the sum of what each row
+    gives alone (rows do not interact, so grouping them must not change any gradient)."""
+    base_model, _ = tiny_base.load()
+    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl"))
+    for t in ("a", "b", "c"):
+        model.add_task(TaskInfo(t, ["x", "y"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(0, 0.3)
+    model.eval()  # no dropout: the same computation row by row
+    ids, mask = _inputs(tiny_tok, ("goal team coach", "profit bank stock merger revenue", "rain wind storm"))
+    routes = ["a", "b", "a"]
+    weight = torch.randn(
+        ids.shape[0],
+        ids.shape[1],
+        model.base_model.config.vocab_size,
+        generator=torch.Generator().manual_seed(0),
+    )
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(rows):
+        with model.routed([routes[i] for i in rows]):
+            loss = (model.lm_logits(ids[rows], mask[rows]) * weight[rows]).sum()
+        return [
+            g if g is not None else torch.zeros_like(p)
+            for g, p in zip(torch.autograd.grad(loss, params, allow_unused=True), params)
+        ]
+
+    mixed = grads([0, 1, 2])
+    alone = [grads([i]) for i in range(3)]
+    for k, g in enumerate(mixed):
+        torch.testing.assert_close(g, sum(a[k] for a in alone), rtol=1e-3, atol=1e-5)
+    named = dict(zip([n for n, p in model.named_parameters() if p.requires_grad], mixed))
+    assert any(g.abs().max() > 0 for n, g in named.items() if expert_name("b") in n)  # row 1's expert learns
+    assert all(g.abs().max() == 0 for n, g in named.items() if expert_name("c") in n)  # no row routed to c

@@ -98,3 +98,34 @@ def test_repro_end_to_end_then_noop_then_next_task(dvc_project, two_tasks):
     assert cl["order"] == ["topics", "sentiment"] and len(cl["matrix"]) == 2
     shown = run(["dvc", "metrics", "show", "--json"], project, env)
     assert "acc" in shown.stdout
+
+
+def test_gate_and_promote_read_the_evaluate_stages_metrics_only_when_they_are_the_challengers(
+    tmp_path, monkeypatch
+):
+    """The gate and promote stages take metrics/cl.json instead of evaluating the bank again; a cl.json of
+    another challenger (other tasks, another newest task) or none at all is refused, naming the file."""
+    from moecl.errors import MoeclError
+    from moecl.io import write_json_atomic
+    from moecl.metrics import ContinualMetrics
+    from moecl.stages import _challenger_metrics
+
+    monkeypatch.chdir(tmp_path)
+    manifest = {"tasks": [{"task_id": "news"}, {"task_id": "spam"}], "lineage": {"trained_task": "spam"}}
+    with pytest.raises(MoeclError, match="cl.json is missing"):
+        _challenger_metrics(manifest)
+    metrics = ContinualMetrics(
+        order=["news", "spam"],
+        matrix=[{"news": 0.8}, {"news": 0.75, "spam": 0.9}],
+        before_training={"spam": 0.5},
+        zero_shot={"news": 0.25, "spam": 0.5},
+    )
+    write_json_atomic(Path("metrics/cl.json"), metrics.as_dict())
+    assert _challenger_metrics(manifest).as_dict() == metrics.as_dict()
+
+    for other in (
+        {**manifest, "lineage": {"trained_task": "news"}},
+        {**manifest, "tasks": [{"task_id": "news"}, {"task_id": "spam"}, {"task_id": "faq"}]},
+    ):
+        with pytest.raises(MoeclError, match="does not belong to pipeline/challenger"):
+            _challenger_metrics(other)

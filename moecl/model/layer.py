@@ -104,7 +104,11 @@ class MoEFeedForward(nn.Module):
 
     # --- compute ---------------------------------------------------------------------------------------
     def _delta(self, projection: str, x: torch.Tensor, groups: RowGroups) -> torch.Tensor | None:
-        """Sum of the deltas of each row's experts on `projection`, or None when no expert targets it."""
+        """Sum of the deltas of each row's experts on `projection`, or None when no expert targets it.
+
+        Row groups (a batch mixing tasks, e.g. discriminator-memory rows) write their rows of one output
+        in place: one allocation per projection, however many groups.
+        """
         out = None
         for names, rows in groups:
             deltas = [self.experts[n][projection] for n in names if projection in self.experts[n]]
@@ -114,12 +118,11 @@ class MoEFeedForward(nn.Module):
             d = deltas[0](xs)
             for extra in deltas[1:]:
                 d = d + extra(xs)
-            if rows is None:
-                out = d if out is None else out + d
-            else:
-                full = torch.zeros(x.shape[:-1] + d.shape[-1:], dtype=d.dtype, device=d.device)
-                full = full.index_copy(0, rows, d)
-                out = full if out is None else out + full
+            if rows is None:  # one group covers every row (group_rows)
+                return d
+            if out is None:
+                out = d.new_zeros(x.shape[:-1] + d.shape[-1:])
+            out.index_copy_(0, rows, d)
         return out
 
     @staticmethod
