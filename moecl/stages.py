@@ -5,8 +5,8 @@
     drift     -> reports/drift.html, metrics/drift.json
     train     -> pipeline/challenger/       one CL step from the champion's bank
     evaluate  -> metrics/cl.json, plots/
-    gate      -> metrics/gate.json
-    promote   (outside `dvc repro`): register the challenger; promote it if the gate passed
+    gate      -> metrics/gate.json          from metrics/cl.json (the bank is evaluated once, by `evaluate`)
+    promote   (outside `dvc repro`): register the challenger with metrics/cl.json; promote it if the gate passed
 
 The champion the step starts from is an input read from the registry, never an output of the same run, so the
 graph stays acyclic; promotion changes the registry afterwards, and the next `dvc repro` sees a new champion.

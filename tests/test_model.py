@@ -395,3 +395,25 @@ def test_a_mixed_batch_gives_each_expert_the_gradient_of_its_own_rows(tiny_base,
     named = dict(zip([n for n, p in model.named_parameters() if p.requires_grad], mixed))
     assert any(g.abs().max() > 0 for n, g in named.items() if expert_name("b") in n)  # row 1's expert learns
     assert all(g.abs().max() == 0 for n, g in named.items() if expert_name("c") in n)  # no row routed to c
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_inference_reuses_buffers_without_changing_any_output(tiny_base, tiny_tok, method):
+    """Under no_grad the layers add and multiply into their own fresh buffers; the logits must be exactly
+    those of the autograd path (a buffer shared between the experts' branches, if overwritten, would not)."""
+    base_model, _ = tiny_base.load()
+    model = MoECLModel(base_model, Params().lora, MethodConfig(name=method, mode="instruction"))
+    for t in ("a", "b"):
+        model.add_task(TaskInfo(t, ["x", "y"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".B"):
+                p.normal_(0, 0.3)
+    model.eval()
+    ids, mask = _inputs(tiny_tok)
+    with model.routed(["a", "b"]):
+        tracked = model.lm_logits(ids, mask)
+        with torch.no_grad():
+            fast = model.lm_logits(ids, mask)
+    assert tracked.requires_grad and not fast.requires_grad
+    torch.testing.assert_close(fast, tracked.detach(), rtol=1e-5, atol=1e-6)

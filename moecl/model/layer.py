@@ -127,7 +127,19 @@ class MoEFeedForward(nn.Module):
 
     @staticmethod
     def _add(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-        return base if delta is None else base + delta.to(base.dtype)
+        if delta is None:
+            return base
+        if not torch.is_grad_enabled() and delta.dtype == base.dtype:
+            return delta.add_(base)  # inference: the delta is a fresh tensor of ours, reuse its buffer
+        return base + delta.to(base.dtype)
+
+    @staticmethod
+    def _swiglu(act_fn, g: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """act(g) * v; in inference, multiplied into act(g)'s own fresh buffer."""
+        a = act_fn(g)
+        if not torch.is_grad_enabled() and a is not g and a is not v:
+            return a.mul_(v)
+        return a * v
 
     @staticmethod
     def _lora_input(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -146,7 +158,7 @@ class MoEFeedForward(nn.Module):
         for groups in routing.branches:
             g = self._add(gate_base, self._delta("gate_proj", u_lora, groups))
             v = self._add(up_base, self._delta("up_proj", u_lora, groups))
-            hiddens.append(base.act_fn(g) * v)
+            hiddens.append(self._swiglu(base.act_fn, g, v))
         down_mask = None
         if p > 0 and self.down_targeted:
             down_mask = keep_mask(hiddens[0], p)
@@ -156,13 +168,13 @@ class MoEFeedForward(nn.Module):
             beta = torch.softmax(self.gate(u.to(self.gate.weight.dtype)), dim=-1).to(u.dtype)
             beta_s, beta_t = beta[..., 0:1], beta[..., 1:2]
             h_s, h_t = hiddens
-            out = base.down_proj(beta_s * h_s + beta_t * h_t)
+            out = base.down_proj(torch.addcmul(beta_s * h_s, beta_t, h_t))  # fused: fewer full-width passes
             d_s = self._delta("down_proj", lora_hiddens[0], routing.branches[0])
             d_t = self._delta("down_proj", lora_hiddens[1], routing.branches[1])
             if d_s is not None:
-                out = out + beta_s * d_s.to(out.dtype)
+                out = torch.addcmul(out, beta_s, d_s.to(out.dtype))
             if d_t is not None:
-                out = out + beta_t * d_t.to(out.dtype)
+                out = torch.addcmul(out, beta_t, d_t.to(out.dtype))
         else:
             out = self._add(
                 base.down_proj(hiddens[0]), self._delta("down_proj", lora_hiddens[0], routing.branches[0])

@@ -47,7 +47,8 @@ class LoraDelta(nn.Module):
         self.scale = scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.to(self.A.dtype) @ self.A.t() @ self.B.t()) * self.scale
+        # scaled at rank r, not on the (up to 1536-wide) output: the multiply costs r/out of the other order
+        return ((x.to(self.A.dtype) @ self.A.t()) * self.scale) @ self.B.t()
 
 
 PROJECTION_SHAPES = {  # projection -> (input is hidden?, output is hidden?)
