@@ -128,7 +128,7 @@ PRESETS = {
     ),
     "cpu-full": Preset(
         name="cpu-full",
-        description="SmolLM2-135M-Instruct on CPU, all three orders, both modes (about three hours)",
+        description="SmolLM2-135M-Instruct on CPU, all three orders, both modes (about 2.5 hours)",
         backbone="params",
         data="mtl5",
         orders=MTL5_ORDERS,
