@@ -226,27 +226,20 @@ def interleaved_train_times(steppers: dict, warmup: int, rounds: int) -> dict[st
 
 
 @torch.no_grad()
-def time_inference(
-    model: MoECLModel, task_id: str, input_ids, attention_mask, warmup: int, repeats: int
-) -> list[float]:
-    """Seconds of each timed forward pass over these rows of one task: the head's logits (classifier), or the
-    LM logits of the prompt's last position (instruction: what generation's prefill costs)."""
+def time_forward(model: MoECLModel, task_id: str, input_ids, attention_mask) -> float:
+    """Seconds of one forward pass over these rows of one task: the head's logits (classifier), or the LM
+    logits of the prompt's last position (instruction: what generation's prefill costs)."""
     device = _device(model)
-    tasks = [task_id] * input_ids.shape[0]
     model.eval()
-    times = []
-    for i in range(warmup + repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        with model.routed(tasks):
-            if model.mode == "classifier":
-                model.classify(input_ids, attention_mask, task_id)
-            else:
-                model.lm_logits(input_ids, attention_mask, keep_last=1)
-        _sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
+    _sync(device)
+    t0 = time.perf_counter()
+    with model.routed([task_id] * input_ids.shape[0]):
+        if model.mode == "classifier":
+            model.classify(input_ids, attention_mask, task_id)
+        else:
+            model.lm_logits(input_ids, attention_mask, keep_last=1)
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def interleaved_latency(contenders: dict, warmup: int, rounds: int) -> dict[str, dict[str, list[float]]]:
@@ -255,11 +248,11 @@ def interleaved_latency(contenders: dict, warmup: int, rounds: int) -> dict[str,
     times = {key: {"batched": [], "single": []} for key in contenders}
     for i in range(warmup + rounds):
         for key, (model, task_id, ids, mask) in contenders.items():
-            batched = time_inference(model, task_id, ids, mask, 0, 1)
-            single = time_inference(model, task_id, ids[:1], mask[:1], 0, 1)
+            batched = time_forward(model, task_id, ids, mask)
+            single = time_forward(model, task_id, ids[:1], mask[:1])
             if i >= warmup:
-                times[key]["batched"] += batched
-                times[key]["single"] += single
+                times[key]["batched"].append(batched)
+                times[key]["single"].append(single)
     return times
 
 
@@ -286,9 +279,9 @@ def contender(base: BaseSpec, preset, method: str, mode: str, n_tasks: int):
     return model, params, task_id, batches
 
 
-def measure_method(
-    base: BaseSpec, preset, method: str, mode: str, n_tasks: int, *, inference: bool = True
-) -> dict:
+def measure_method(base: BaseSpec, preset, method: str, mode: str, n_tasks: int) -> dict:
+    """Peak memory of `method`'s first training step (and that step's time, which the interleaved rounds
+    replace); latency comes from interleaved_latency."""
     cost = preset.cost
     model, params, task_id, batches = contender(base, preset, method, mode, n_tasks)
     device = _device(model)
@@ -306,12 +299,6 @@ def measure_method(
         "memory_before_mb": _round1(peak.before_mb),
         "peak_memory_kind": peak.kind,
     }
-    if inference:
-        ids, mask = batches[0].input_ids[: cost.batch_size], batches[0].attention_mask[: cost.batch_size]
-        batched = time_inference(model, task_id, ids, mask, cost.warmup, cost.repeats)
-        single = time_inference(model, task_id, ids[:1], mask[:1], cost.warmup, cost.repeats)
-        out["latency_ms_per_sample"] = round(1000 * _median(batched) / cost.batch_size, 4)
-        out["latency_ms_batch1"] = round(1000 * _median(single), 4)
     big = _is_big(model)
     del model, batches
     _collect(big)
@@ -421,7 +408,7 @@ def run_costs(base: BaseSpec, preset, methods: list[str], *, log=print, checkpoi
         rows = out["modes"].setdefault(mode, [])
         for method in timed:
             log(f"cost: {mode} {method} ({cost.tasks} tasks): memory")
-            rows.append(measure_method(base, preset, method, mode, cost.tasks, inference=False))
+            rows.append(measure_method(base, preset, method, mode, cost.tasks))
             _ratios(rows)
             done()
         log(f"cost: {mode}: {cost.repeats} interleaved rounds of training steps, then of forward passes")
@@ -436,7 +423,7 @@ def run_costs(base: BaseSpec, preset, methods: list[str], *, log=print, checkpoi
         block = out["scaling"].setdefault(method, {"mode": mode, "points": []})
         for n in cost.scaling_tasks:
             log(f"cost: scaling {mode} {method} with {n} tasks: memory")
-            block["points"].append(measure_method(base, preset, method, mode, n, inference=False))
+            block["points"].append(measure_method(base, preset, method, mode, n))
             done()
         log(f"cost: scaling {mode} {method}: {cost.repeats} interleaved rounds")
         contenders = {p["tasks"]: (method, p["tasks"]) for p in block["points"]}

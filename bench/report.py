@@ -244,10 +244,11 @@ def _cost_markdown(cost: dict) -> list[str]:
         f"Fixed random batches of {s['batch_size']} x {s['seq_len']} tokens, {s['tasks']} tasks in the model, "
         f"{s['threads']} torch threads. Step time: the median of {s['repeats']} interleaved rounds (every "
         f"method's model alive, each round one step of each in turn) after {warmup}. Latency: the same "
-        f"way, {warmup} then the median of {s['repeats']} interleaved rounds. Train step = forward + backward + AdamW on what a step on the newest task trains. Latency = one "
-        "forward pass (classifier: head logits; instruction: the prompt's prefill, LM logits of the last "
-        "position as generation computes them). moecl_mem's "
-        "batches carry the discriminator-memory rows. mtl costs what seq_lora costs.",
+        f"way, {warmup} then the median of {s['repeats']} interleaved rounds. Train step = forward + "
+        "backward + AdamW on what a step on the newest task trains. Latency = one forward pass (classifier: "
+        "head logits; instruction: the prompt's prefill, LM logits of the last position as generation "
+        "computes them). moecl_mem's batches carry the discriminator-memory rows. mtl costs what seq_lora "
+        "costs.",
         "",
     ]
     for mode, rows in cost["modes"].items():

@@ -147,7 +147,7 @@ def _challenger_metrics(manifest: dict):
     again), checked to be the challenger's: same tasks, its newest task last."""
     from moecl.metrics import ContinualMetrics
 
-    path = Path(_outputs().cl_json)
+    path = _outputs().cl_json
     if not path.is_file():
         raise MoeclError(f"{path} is missing: run the evaluate stage first (`dvc repro`)")
     metrics = ContinualMetrics.from_dict(json.loads(path.read_text()))

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.test_cli_core import write_task_folder
+from tests.test_model import model_with_tasks
 
 
 def test_shares_cover_every_row_once_and_weights_average_to_the_global_mean():
@@ -50,16 +51,15 @@ def test_share_weighted_gradients_average_to_the_full_batch_gradient(
 ):
     """Memory rows (no task loss) and an uneven split included: the DDP average equals the full batch."""
     from moecl.model.encoding import Encoded, Encoder, collate, pad_id
-    from moecl.model.moecl_model import MoECLModel, TaskInfo
+    from moecl.model.moecl_model import TaskInfo
     from moecl.train.distributed import share_of
     from moecl.train.loop import _task_targets
 
     base_model, tok = tiny_base.load()
     fast_params.lora.dropout = 0.0
-    model = MoECLModel(base_model, fast_params.lora, fast_params.method)
     old, new = two_tasks
-    for t in (old, new):
-        model.add_task(TaskInfo(t.task_id, list(t.labels)))
+    infos = [TaskInfo(t.task_id, list(t.labels)) for t in two_tasks]
+    model = model_with_tasks(base_model, fast_params.lora, fast_params.method, infos)
     model.train()
     enc = Encoder(tok, new.task_id, new.labels, new.instruction, model.mode, 64)
     items = [enc.encode(r.text, r.label) for r in new.train[:5]]

@@ -36,6 +36,20 @@ def _snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def model_with_tasks(base_model, lora, method, tasks, b_std: float = 0.0) -> MoECLModel:
+    """A MoECLModel that knows `tasks` (TaskInfo); with b_std, every LoRA B drawn from N(0, b_std), so that
+    no delta is zero and every LoRA parameter gets a gradient."""
+    model = MoECLModel(base_model, lora, method)
+    for info in tasks:
+        model.add_task(info)
+    if b_std:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(".B"):
+                    p.normal_(0, b_std)
+    return model
+
+
 def test_what_changed_after_two_steps(tiny_base, fast_params, two_tasks, tmp_path):
     """Base and task-1 expert/head bit-identical; shared expert, gates, discriminators, task-2 expert changed."""
     from moecl.bank import load_bank
@@ -277,14 +291,9 @@ def test_the_answer_window_loss_equals_the_loss_over_every_position(tiny_base, f
 
     base_model, tok = tiny_base.load()
     fast_params.lora.dropout = 0.0
-    model = MoECLModel(base_model, fast_params.lora, fast_params.method)
     old, new = two_tasks
-    for t in (old, new):
-        model.add_task(TaskInfo(t.task_id, list(t.labels)))
-    with torch.no_grad():  # non-zero B everywhere, so every LoRA parameter gets a gradient
-        for name, p in model.named_parameters():
-            if name.endswith(".B"):
-                p.normal_(0, 0.05)
+    infos = [TaskInfo(t.task_id, list(t.labels)) for t in two_tasks]
+    model = model_with_tasks(base_model, fast_params.lora, fast_params.method, infos, b_std=0.05)
     model.train()
     enc = Encoder(tok, new.task_id, new.labels, new.instruction, "instruction", 64)
     items = [enc.encode(r.text, r.label) for r in new.train[:5]]
@@ -330,12 +339,8 @@ def test_option_scores_are_each_options_likelihood_after_its_prompt(tiny_base, t
     base_model, tok = tiny_base.load()
     task = two_tasks[0]
     info = TaskInfo(task.task_id, list(task.labels), task.instruction)
-    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl", mode="instruction"))
-    model.add_task(info)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".B"):
-                p.normal_(0, 0.05)
+    method = MethodConfig(name="moecl", mode="instruction")
+    model = model_with_tasks(base_model, Params().lora, method, [info], b_std=0.05)
     model.eval()
     texts = [r.text for r in task.test[:3]]
     scores = option_scores(model, tok, info, texts, max_length=64, batch_size=4)
@@ -362,13 +367,8 @@ def test_a_mixed_batch_gives_each_expert_the_gradient_of_its_own_rows(tiny_base,
     """Rows routed to different experts in one batch: every parameter's gradient is the sum of what each row
     gives alone (rows do not interact, so grouping them must not change any gradient)."""
     base_model, _ = tiny_base.load()
-    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl"))
-    for t in ("a", "b", "c"):
-        model.add_task(TaskInfo(t, ["x", "y"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".B"):
-                p.normal_(0, 0.3)
+    infos = [TaskInfo(t, ["x", "y"]) for t in ("a", "b", "c")]
+    model = model_with_tasks(base_model, Params().lora, MethodConfig(name="moecl"), infos, b_std=0.3)
     model.eval()  # no dropout: the same computation row by row
     ids, mask = _inputs(tiny_tok, ("goal team coach", "profit bank stock merger revenue", "rain wind storm"))
     routes = ["a", "b", "a"]
@@ -402,13 +402,9 @@ def test_inference_reuses_buffers_without_changing_any_output(tiny_base, tiny_to
     """Under no_grad the layers add and multiply into their own fresh buffers; the logits must be exactly
     those of the autograd path (a buffer shared between the experts' branches, if overwritten, would not)."""
     base_model, _ = tiny_base.load()
-    model = MoECLModel(base_model, Params().lora, MethodConfig(name=method, mode="instruction"))
-    for t in ("a", "b"):
-        model.add_task(TaskInfo(t, ["x", "y"]))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(".B"):
-                p.normal_(0, 0.3)
+    infos = [TaskInfo(t, ["x", "y"]) for t in ("a", "b")]
+    config = MethodConfig(name=method, mode="instruction")
+    model = model_with_tasks(base_model, Params().lora, config, infos, b_std=0.3)
     model.eval()
     ids, mask = _inputs(tiny_tok)
     with model.routed(["a", "b"]):

@@ -96,7 +96,7 @@ class Batch:
         )
 
     def answer_window(self) -> int:
-        """How many final positions' LM logits the answer tokens need (0: none carries a label).
+        """How many final positions' LM logits the answer tokens need (1, predicting nothing, when none has one).
 
         Inputs are left-padded and each answer ends its row, so every answer token is predicted from one of the
         batch's last k positions, k = the longest answer + 1 (at most the width). The LM head then projects
@@ -104,7 +104,7 @@ class Batch:
         """
         labelled = (self.lm_labels != IGNORE_INDEX).any(dim=0).nonzero()
         if labelled.numel() == 0:
-            return 0
+            return 1
         width = self.lm_labels.shape[1]
         return min(width, width - int(labelled[0, 0]) + 1)
 

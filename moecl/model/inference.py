@@ -71,7 +71,7 @@ def option_scores(model, tokenizer, info: TaskInfo, texts, max_length, batch_siz
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         batch = collate([Encoded(ids, n, -1, info.task_id) for _, _, ids, n in chunk], pad).to(device)
-        window = max(batch.answer_window(), 1)
+        window = batch.answer_window()
         with model.routed(batch.tasks, disabled=disabled):
             logits = model.lm_logits(batch.input_ids, batch.attention_mask, keep_last=window).float()
         logp = torch.log_softmax(logits[:, :-1], dim=-1)

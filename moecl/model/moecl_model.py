@@ -79,6 +79,8 @@ class MoECLModel(nn.Module):
         self.method = method
         for p in base_model.parameters():
             p.requires_grad_(False)
+        # whether the base can project only the last positions (read once: lm_logits runs every step)
+        self._takes_logits_to_keep = "logits_to_keep" in inspect.signature(base_model.forward).parameters
         self.routing = Routing()
         self.layers = install_moe_layers(base_model, self.routing)
         self.hidden_size = self.layers[0].hidden
@@ -247,7 +249,7 @@ class MoECLModel(nn.Module):
         """LM logits of every position, or of the last `keep_last` positions only (the base model's own
         `logits_to_keep` where its forward takes one, else computed in full and sliced)."""
         extra = {}
-        if keep_last and self._takes_logits_to_keep():
+        if keep_last and self._takes_logits_to_keep:
             extra["logits_to_keep"] = keep_last
         out = self.base_model(
             input_ids=input_ids,
@@ -260,9 +262,6 @@ class MoECLModel(nn.Module):
         if keep_last and logits.shape[1] > keep_last:
             logits = logits[:, -keep_last:]
         return logits
-
-    def _takes_logits_to_keep(self) -> bool:
-        return "logits_to_keep" in inspect.signature(self.base_model.forward).parameters
 
     def forward(
         self,

@@ -92,7 +92,7 @@ def task_loss(net, mode: str, batch, task_id: str | None, denominator: float | N
         out = net(batch.input_ids, batch.attention_mask, task_id=task_id, output="classify")
         loss = F.cross_entropy(out.logits.float(), batch.class_labels, ignore_index=-1, reduction=reduction)
     else:
-        window = max(batch.answer_window(), 1)
+        window = batch.answer_window()
         out = net(batch.input_ids, batch.attention_mask, task_id=task_id, output="lm", keep_last=window)
         logits = out.logits.float()[:, :-1]
         loss = F.cross_entropy(
