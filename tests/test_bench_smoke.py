@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,15 @@ def test_tasks_flag_keeps_those_tasks_in_each_orders_sequence(tmp_path) -> None:
     assert result["config"]["modes"]["classifier"]["max_length"] == 40
     with pytest.raises(SystemExit, match="unknown tasks: weather"):
         main([*argv, "--tasks", "weather", "--out", str(tmp_path)])
+
+
+def test_device_flag_runs_everything_on_the_cpu(tmp_path, monkeypatch) -> None:
+    from bench.run import main
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    argv = ["--preset", "smoke", "--methods", "per_task_lora", "--modes", "classifier", "--tasks", "spam"]
+    assert main([*argv, "--device", "cpu", "--no-cost", "--quiet", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "smoke-slice.json").read_text())
+    assert result["config"]["device"] == "cpu" and "--device cpu" in result["command"]
+    assert result["runs"] and not result["errors"]
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # the library sees no GPU, so it trains where the base is
