@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -64,15 +65,31 @@ def spread(values: list) -> dict:
     }
 
 
-def summarise(runs: list[dict]) -> dict:
-    """mode -> method -> {acc, bwt, fwt: spread over orders}."""
+def acc_standard_error(per_task: dict[str, float], test_sizes: dict[str, int]) -> float | None:
+    """The standard error of ACC that sampling the test records alone implies: each task's accuracy is a
+    binomial proportion p_j over n_j records, so SE = sqrt(sum_j p_j (1 - p_j) / n_j) / T."""
+    cells = [(p, test_sizes.get(t)) for t, p in (per_task or {}).items() if p is not None]
+    if not cells or any(not n for _, n in cells):
+        return None
+    return round(math.sqrt(sum(p * (1 - p) / n for p, n in cells)) / len(cells), 6)
+
+
+def summarise(runs: list[dict], data: dict | None = None) -> dict:
+    """mode -> method -> {acc, bwt, fwt: spread over orders; acc_se: ACC's test-sampling standard error,
+    averaged over orders}. `data`: mode -> task -> {"test": n, ...} (bench.tasks.data_summary)."""
     out: dict = {}
     for run in runs:
         out.setdefault(run["mode"], {}).setdefault(run["method"], []).append(run)
+
+    def se(mode: str, group: list[dict]) -> float | None:
+        sizes = {t: d.get("test") for t, d in ((data or {}).get(mode) or {}).items()}
+        values = [acc_standard_error(r["metrics"].get("per_task"), sizes) for r in group]
+        return spread(values)["mean"]
+
     return {
         mode: {
             method: {k: spread([r[k] for r in group]) for k in ("acc", "bwt", "fwt")}
-            | {"orders": [r["order"] for r in group]}
+            | {"acc_se": se(mode, group), "orders": [r["order"] for r in group]}
             for method, group in sorted(by_method.items(), key=lambda kv: _method_rank(kv[0]))
         }
         for mode, by_method in out.items()
@@ -158,19 +175,22 @@ def markdown(result: dict) -> str:
         lines.append(f"> {note}")
     if result.get("notes"):
         lines.append("")
-    lines += [
-        "## Accuracy (ACC), backward transfer (BWT), forward transfer (FWT)",
-        "",
-        "Mean ± sample std over the task orders run. `mtl` is the joint multi-task upper bound (not continual).",
-        "",
-    ]
+    if result.get("summary"):
+        lines += [
+            "## Accuracy (ACC), backward transfer (BWT), forward transfer (FWT)",
+            "",
+            "Mean ± sample std over the task orders run. `mtl` is the joint multi-task upper bound (not "
+            "continual). `ACC s.e.`: the standard error of ACC that the finite test sample alone implies "
+            "(binomial, sqrt(Σ p(1−p)/n) / T); two methods' ACC closer than about twice it are not told apart.",
+            "",
+        ]
     for mode, methods in result.get("summary", {}).items():
         lines += [f"### {mode} mode", ""]
         rows = [
-            [m, _pm(s["acc"]), _pm(s["bwt"]), _pm(s["fwt"]), ", ".join(s["orders"])]
+            [m, _pm(s["acc"]), _fmt(s.get("acc_se")), _pm(s["bwt"]), _pm(s["fwt"]), ", ".join(s["orders"])]
             for m, s in methods.items()
         ]
-        lines += _table(["method", "ACC", "BWT", "FWT", "orders"], rows) + [""]
+        lines += _table(["method", "ACC", "ACC s.e.", "BWT", "FWT", "orders"], rows) + [""]
     zero = result.get("zero_shot", {})
     if zero:
         lines += ["## Zero-shot accuracy of the untrained model (b_i)", ""]

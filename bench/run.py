@@ -214,7 +214,7 @@ def _main(argv: list[str] | None) -> int:
 
     def save():
         result["wall_seconds"] = round(time.perf_counter() - started_wall, 1)
-        result["summary"] = summarise(result["runs"])
+        result["summary"] = summarise(result["runs"], result["data"])
         result["zero_shot"] = zero_shot_table(result["runs"])
         return write_results(out_dir, name, result)
 

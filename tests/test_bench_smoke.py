@@ -64,6 +64,22 @@ def test_summary_has_mean_and_spread(smoke) -> None:
             assert s["acc"]["mean"] is not None
             if method != "mtl":
                 assert s["acc"]["std"] is not None and s["bwt"]["mean"] is not None
+            runs = [r for r in result["runs"] if r["mode"] == mode and r["method"] == method]
+            n = {t: d["test"] for t, d in result["data"][mode].items()}
+            by_run = [
+                math.sqrt(sum(p * (1 - p) / n[t] for t, p in r["metrics"]["per_task"].items())) / len(n)
+                for r in runs
+            ]
+            assert s["acc_se"] == pytest.approx(sum(by_run) / len(by_run), abs=1e-5)
+
+
+def test_acc_standard_error_is_the_binomial_one() -> None:
+    from bench.report import acc_standard_error
+
+    # one task at 50% over 24 records: sqrt(.25 / 24); two tasks average their variances over T^2
+    assert acc_standard_error({"a": 0.5}, {"a": 24}) == pytest.approx(0.102062, abs=1e-6)
+    assert acc_standard_error({"a": 0.5, "b": 1.0}, {"a": 100, "b": 100}) == pytest.approx(0.025)
+    assert acc_standard_error({"a": 0.5}, {}) is None  # sizes unknown: no figure rather than a wrong one
 
 
 def test_cost_figures(smoke) -> None:

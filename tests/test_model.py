@@ -203,6 +203,31 @@ def test_a_step_reports_its_losses_by_name(tiny_base, fast_params, two_tasks, tm
         assert loss.total == pytest.approx(loss.task + loss.adversarial)
 
 
+def test_moecl_and_moecl_nogan_differ_by_the_adversarial_term_alone(
+    tiny_base, fast_params, two_tasks, tmp_path
+):
+    """On a bank's first task the discriminator has one class, so L_adv and its gradient are exactly zero: with
+    the discriminators initialised from their own generator (not torch's global one), moecl draws the same
+    dropout masks as moecl_nogan and trains bit-identical experts and gates."""
+    from safetensors.torch import load_file
+
+    from moecl.train.step import run_step
+
+    trained = {}
+    for name in ("moecl_nogan", "moecl"):
+        params = copy.deepcopy(fast_params)
+        params.method.name, params.method.adv_alpha = name, 0.1
+        assert params.lora.dropout > 0  # the masks are what an extra global draw would shift
+        run_step(params, two_tasks[0], base=tiny_base, out_bank=tmp_path / name, progress=False)
+        tensors = load_file(tmp_path / name / "shared.safetensors")
+        tensors |= load_file(tmp_path / name / "expert-topics.safetensors")
+        trained[name] = {k: v for k, v in tensors.items() if ".discriminator." not in k}
+    assert trained["moecl"].keys() == trained["moecl_nogan"].keys()
+    assert any(k.endswith(".B") and v.abs().sum() > 0 for k, v in trained["moecl"].items())  # it trained
+    for key, value in trained["moecl_nogan"].items():
+        assert torch.equal(trained["moecl"][key], value), key
+
+
 def test_mixed_batch_routes_each_sample_to_its_own_expert(tiny_base, tiny_tok):
     base_model, _ = tiny_base.load()
     model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl"))

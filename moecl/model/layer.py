@@ -92,11 +92,18 @@ class MoEFeedForward(nn.Module):
         self.gate = nn.Linear(self.hidden, 2, bias=False, device=self.base.down_proj.weight.device)
         nn.init.normal_(self.gate.weight, std=0.02)
 
-    def grow_discriminator(self, num_tasks: int) -> None:
-        """Linear(d -> T) with one row per known task; earlier rows are kept when a task is added."""
+    def grow_discriminator(self, num_tasks: int, seed: int) -> None:
+        """Linear(d -> T) with one row per known task; earlier rows are kept when a task is added.
+
+        The init N(0, 0.02) comes from its own generator (`seed`), not torch's global one: adding discriminators
+        leaves every other random draw (expert init, dropout masks) as it was, so moecl and moecl_nogan differ by
+        the adversarial term alone."""
         old = self.discriminator
-        new = nn.Linear(self.hidden, num_tasks, bias=False, device=self.base.down_proj.weight.device)
-        nn.init.normal_(new.weight, std=0.02)
+        device = self.base.down_proj.weight.device
+        new = torch.nn.utils.skip_init(nn.Linear, self.hidden, num_tasks, bias=False, device=device)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            new.weight.copy_(torch.randn(new.weight.shape, generator=generator) * 0.02)
         if old is not None:
             with torch.no_grad():
                 new.weight[: old.out_features].copy_(old.weight)

@@ -23,6 +23,8 @@ from moecl.errors import MoeclError, UnknownTaskError
 from moecl.model.layer import MoEFeedForward, Routing, group_rows
 
 SHARED = "shared"
+# Base of the discriminators' own init seeds (+ 1000 x tasks known + layer index): see grow_discriminator
+_DISCRIMINATOR_SEED = 7_000_000
 
 
 def expert_name(task_id: str) -> str:
@@ -134,8 +136,10 @@ class MoECLModel(nn.Module):
             device = self.layers[0].base.down_proj.weight.device
             self.heads[info.task_id] = nn.Linear(self.hidden_size, len(info.labels), device=device)
         if self.has_discriminator:
-            for layer in self.layers:
-                layer.grow_discriminator(len(self.tasks))
+            for i, layer in enumerate(self.layers):
+                layer.grow_discriminator(
+                    len(self.tasks), seed=_DISCRIMINATOR_SEED + 1000 * len(self.tasks) + i
+                )
 
     # --- parameters -------------------------------------------------------------------------------------
     def shared_parameters(self) -> dict[str, nn.Parameter]:

@@ -1,0 +1,139 @@
+"""How far apart two banks of the same tasks are: in their parameters, their answers and their probabilities.
+
+    python -m bench.agreement BANK_A BANK_B [--preset cpu] [--mode instruction] [--tasks dbpedia amazon]
+
+Two methods can score the same accuracy because they learned the same thing, or because the test sample is
+too small to show a difference. This tells the two apart for a pair of banks (e.g. `moecl` and `moecl_nogan`
+after the same tasks, kept with `bench.run --workdir W --keep-banks`):
+- parameters: per group both banks carry (shared expert, gates, discriminators, each dedicated expert), the
+  relative distance |a - b| / |a| over all its tensors, each LoRA pair taken as the weight change B @ A;
+- outputs, per task on the preset's test records: how many of the two banks' answers differ (greedy
+  generation in instruction mode, the head's argmax in classifier mode), and the mean total-variation
+  distance between their probabilities over the labels (option likelihood, or the head's softmax).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from moecl.bank import SHARED_FILE, load_bank, read_manifest
+
+_GROUP = re.compile(r"layers\.\d+\.(\w+)\.")
+
+
+def parameter_groups(bank: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """group name -> {tensor name: tensor}: "shared", "gate", "discriminator" and "expert <task>"."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in load_file(bank / SHARED_FILE).items():
+        match = _GROUP.match(name)
+        groups.setdefault(match.group(1) if match else "other", {})[name] = tensor
+    for task in read_manifest(bank)["tasks"]:
+        groups[f"expert {task['task_id']}"] = load_file(bank / task["file"])
+    return groups
+
+
+def _effective(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LoRA pairs as the weight change they make (B @ A: A alone is mostly its random init); others as they are."""
+    out = {}
+    for name, tensor in tensors.items():
+        if name.endswith(".B") and name[:-1] + "A" in tensors:
+            out[name[:-2]] = tensor.float() @ tensors[name[:-1] + "A"].float()
+        elif not (name.endswith(".A") and name[:-1] + "B" in tensors):
+            out[name] = tensor.float()
+    return out
+
+
+def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float | None:
+    """|a - b| / |a| over the tensors both carry with the same shape, LoRA pairs as B @ A (None when they share
+    none, or a is all zeros)."""
+    a, b = _effective(a), _effective(b)
+    common = [k for k in a if k in b and a[k].shape == b[k].shape]
+    diff = sum(float((a[k] - b[k]).pow(2).sum()) for k in common)
+    norm = sum(float(a[k].pow(2).sum()) for k in common)
+    return math.sqrt(diff / norm) if norm else None
+
+
+def total_variation(p: dict[str, float], q: dict[str, float]) -> float:
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
+def output_agreement(loaded_a, loaded_b, task_id: str, records, params) -> dict:
+    """Answers that differ and the mean total-variation distance of the label probabilities on `records`."""
+    from moecl.evaluate import task_predictions
+
+    answers = [
+        [
+            p.answer if p.answer is not None else p.label
+            for p in task_predictions(m.model, m.tokenizer, task_id, records, params)
+        ]
+        for m in (loaded_a, loaded_b)
+    ]
+    scoring = params
+    if params.method.mode == "instruction":  # option likelihood gives each label a probability
+        scoring = dataclasses.replace(
+            params, evaluate=dataclasses.replace(params.evaluate, instruction_eval="likelihood")
+        )
+    scores = [
+        [p.scores for p in task_predictions(m.model, m.tokenizer, task_id, records, scoring)]
+        for m in (loaded_a, loaded_b)
+    ]
+    tv = [total_variation(p, q) for p, q in zip(*scores)]
+    return {
+        "records": len(records),
+        "answers_differ": sum(x != y for x, y in zip(*answers)),
+        "mean_tv_distance": sum(tv) / len(tv) if tv else None,
+        "max_tv_distance": max(tv) if tv else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from bench.backbones import params_base
+    from bench.params import method_params, model_config
+    from bench.presets import get_preset
+    from bench.tasks import find_mtl5, load_mtl5
+
+    ap = argparse.ArgumentParser(prog="python -m bench.agreement", description=__doc__.split("\n\n")[0])
+    ap.add_argument("bank_a")
+    ap.add_argument("bank_b")
+    ap.add_argument("--preset", default="cpu", help="whose test sampling and sizes to use (default cpu)")
+    ap.add_argument("--mode", default="instruction", help="classifier | instruction (the banks' mode)")
+    ap.add_argument("--tasks", nargs="+", help="tasks to compare (default: every task of bank A)")
+    ap.add_argument("--data", help="the mtl5 folder (default $MOECL_MTL5, then ../shared/data/mtl5)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    bank_a, bank_b = Path(args.bank_a), Path(args.bank_b)
+
+    print(f"parameters: relative distance |A - B| / |A|, LoRA as B @ A ({bank_a} vs {bank_b})")
+    groups_a, groups_b = parameter_groups(bank_a), parameter_groups(bank_b)
+    for group in sorted(set(groups_a) & set(groups_b)):
+        distance = relative_distance(groups_a[group], groups_b[group])
+        print(f"  {group:<24} {'-' if distance is None else f'{distance:.4f}'}")
+
+    preset = get_preset(args.preset)
+    size = preset.modes[args.mode]
+    cfg = model_config(preset)
+    base = params_base(cfg, "cpu")
+    loaded = [load_bank(b, base) for b in (bank_a, bank_b)]
+    tasks = args.tasks or list(loaded[0].model.task_ids)
+    data = load_mtl5(find_mtl5(args.data), tasks, size.per_class, size.test_per_task, preset.seed)
+    params = method_params(preset, "moecl", args.mode, cfg)
+    print(f"outputs on the {args.preset} preset's test records ({args.mode} mode)")
+    for task_id in tasks:
+        out = output_agreement(loaded[0], loaded[1], task_id, data[task_id].test, params)
+        print(
+            f"  {task_id:<10} answers differ on {out['answers_differ']} of {out['records']}; label probabilities: "
+            f"mean total variation {out['mean_tv_distance']:.4f}, max {out['max_tv_distance']:.4f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
