@@ -1,0 +1,60 @@
+"""bench.agreement: how far apart two banks are, in parameters and in outputs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def banks(tmp_path_factory, tiny_base, two_tasks):
+    """Two one-task banks that differ only in their seed, and the params they were trained with."""
+    from moecl.config import Params
+    from moecl.train.step import run_step
+
+    params = Params()
+    params.method.mode = "instruction"
+    params.train.epochs, params.train.lr, params.train.max_length = 2, 5e-3, 64
+    params.evaluate.max_new_tokens = 3
+    root = tmp_path_factory.mktemp("agreement")
+    for seed in (1, 2):
+        p = copy.deepcopy(params)
+        p.train.seed = seed
+        run_step(p, two_tasks[0], base=tiny_base, out_bank=root / f"seed{seed}", progress=False)
+    return root / "seed1", root / "seed2", params
+
+
+def test_parameter_distance_is_zero_to_itself_and_positive_between_seeds(banks):
+    from bench.agreement import parameter_groups, relative_distance
+
+    a, b, _ = banks
+    groups_a, groups_b = parameter_groups(a), parameter_groups(b)
+    assert {"shared", "gate", "expert topics"} <= set(groups_a)
+    for group in ("shared", "gate", "expert topics"):
+        assert relative_distance(groups_a[group], groups_a[group]) == 0.0
+        assert relative_distance(groups_a[group], groups_b[group]) > 0.0
+
+
+def test_lora_pairs_are_compared_as_their_weight_change():
+    from bench.agreement import relative_distance
+
+    a = {"x.A": torch.ones(2, 3), "x.B": torch.ones(4, 2)}
+    # B @ A is the same although A and B are not: (2B)(A/2) = BA
+    b = {"x.A": torch.ones(2, 3) / 2, "x.B": torch.ones(4, 2) * 2}
+    assert relative_distance(a, b) == pytest.approx(0.0)
+    assert relative_distance(a, {"x.A": torch.ones(2, 3), "x.B": torch.zeros(4, 2)}) == pytest.approx(1.0)
+
+
+def test_outputs_of_a_bank_agree_with_themselves(banks, tiny_base, two_tasks):
+    from bench.agreement import output_agreement, total_variation
+    from moecl.bank import load_bank
+
+    a, b, params = banks
+    records = two_tasks[0].test[:8]
+    same = output_agreement(load_bank(a, tiny_base), load_bank(a, tiny_base), "topics", records, params)
+    assert same == {"records": 8, "answers_differ": 0, "mean_tv_distance": 0.0, "max_tv_distance": 0.0}
+    other = output_agreement(load_bank(a, tiny_base), load_bank(b, tiny_base), "topics", records, params)
+    assert other["records"] == 8 and other["mean_tv_distance"] > 0.0
+    assert total_variation({"x": 0.75, "y": 0.25}, {"x": 0.25, "y": 0.75}) == pytest.approx(0.5)
