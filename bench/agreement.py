@@ -1,6 +1,6 @@
 """How far apart two banks of the same tasks are: in their parameters, their answers and their probabilities.
 
-    python -m bench.agreement BANK_A BANK_B [--preset cpu] [--mode instruction] [--tasks dbpedia amazon]
+    python -m bench.agreement BANK_A BANK_B [--preset cpu] [--tasks dbpedia amazon]
 
 Two methods can score the same accuracy because they learned the same thing, or because the test sample is
 too small to show a difference. This tells the two apart for a pair of banks (e.g. `moecl` and `moecl_nogan`
@@ -65,29 +65,25 @@ def total_variation(p: dict[str, float], q: dict[str, float]) -> float:
 
 
 def output_agreement(loaded_a, loaded_b, task_id: str, records, params) -> dict:
-    """Answers that differ and the mean total-variation distance of the label probabilities on `records`."""
+    """Answers that differ and the mean total-variation distance of the label probabilities on `records`.
+
+    Classifier mode: one pass gives both (the head's argmax and softmax). Instruction mode: the answers come
+    from greedy generation, which scores nothing, so the probabilities take a second, option-likelihood pass."""
     from moecl.evaluate import task_predictions
 
-    answers = [
-        [
-            p.answer if p.answer is not None else p.label
-            for p in task_predictions(m.model, m.tokenizer, task_id, records, params)
-        ]
-        for m in (loaded_a, loaded_b)
-    ]
-    scoring = params
-    if params.method.mode == "instruction":  # option likelihood gives each label a probability
+    banks = (loaded_a, loaded_b)
+    preds = [task_predictions(m.model, m.tokenizer, task_id, records, params) for m in banks]
+    if params.method.mode == "instruction":
         scoring = dataclasses.replace(
             params, evaluate=dataclasses.replace(params.evaluate, instruction_eval="likelihood")
         )
-    scores = [
-        [p.scores for p in task_predictions(m.model, m.tokenizer, task_id, records, scoring)]
-        for m in (loaded_a, loaded_b)
-    ]
-    tv = [total_variation(p, q) for p, q in zip(*scores)]
+        scored = [task_predictions(m.model, m.tokenizer, task_id, records, scoring) for m in banks]
+    else:
+        scored = preds
+    tv = [total_variation(p.scores, q.scores) for p, q in zip(*scored)]
     return {
         "records": len(records),
-        "answers_differ": sum(x != y for x, y in zip(*answers)),
+        "answers_differ": sum(p.label != q.label for p, q in zip(*preds)),
         "mean_tv_distance": sum(tv) / len(tv) if tv else None,
         "max_tv_distance": max(tv) if tv else None,
     }
@@ -103,7 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("bank_a")
     ap.add_argument("bank_b")
     ap.add_argument("--preset", default="cpu", help="whose test sampling and sizes to use (default cpu)")
-    ap.add_argument("--mode", default="instruction", help="classifier | instruction (the banks' mode)")
     ap.add_argument("--tasks", nargs="+", help="tasks to compare (default: every task of bank A)")
     ap.add_argument("--data", help="the mtl5 folder (default $MOECL_MTL5, then ../shared/data/mtl5)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -118,14 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {group:<24} {'-' if distance is None else f'{distance:.4f}'}")
 
     preset = get_preset(args.preset)
-    size = preset.modes[args.mode]
     cfg = model_config(preset)
     base = params_base(cfg, "cpu")
     loaded = [load_bank(b, base) for b in (bank_a, bank_b)]
+    mode = loaded[0].model.mode  # the banks' own output mode
+    size = preset.modes[mode]
     tasks = args.tasks or list(loaded[0].model.task_ids)
     data = load_mtl5(find_mtl5(args.data), tasks, size.per_class, size.test_per_task, preset.seed)
-    params = method_params(preset, "moecl", args.mode, cfg)
-    print(f"outputs on the {args.preset} preset's test records ({args.mode} mode)")
+    params = method_params(preset, "moecl", mode, cfg)
+    print(f"outputs on the {args.preset} preset's test records ({mode} mode)")
     for task_id in tasks:
         out = output_agreement(loaded[0], loaded[1], task_id, data[task_id].test, params)
         print(

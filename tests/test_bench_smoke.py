@@ -168,7 +168,9 @@ def test_tasks_flag_keeps_those_tasks_in_each_orders_sequence(tmp_path) -> None:
 def test_device_flag_runs_everything_on_the_cpu(tmp_path, monkeypatch) -> None:
     from bench.run import main
 
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv(
+        "CUDA_VISIBLE_DEVICES", "0"
+    )  # recorded, so what --device cpu sets is undone afterwards
     argv = ["--preset", "smoke", "--methods", "per_task_lora", "--modes", "classifier", "--tasks", "spam"]
     assert main([*argv, "--device", "cpu", "--no-cost", "--quiet", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "smoke-slice.json").read_text())

@@ -104,8 +104,7 @@ class MoEFeedForward(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             new.weight.copy_(torch.randn(new.weight.shape, generator=generator) * 0.02)
-        if old is not None:
-            with torch.no_grad():
+            if old is not None:
                 new.weight[: old.out_features].copy_(old.weight)
         self.discriminator = new
 
