@@ -29,6 +29,9 @@ class RunResult:
     metrics: dict  # ContinualMetrics.as_dict(): acc, bwt, fwt, per_task, matrix, before_training, zero_shot
     steps: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    # The final model's per-record correctness on each task's test sample (moecl.metrics.correctness):
+    # runs scored on the same sample are compared record by record (bench.report.paired_comparisons).
+    correct: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -42,6 +45,7 @@ class RunResult:
             "metrics": self.metrics,
             "steps": self.steps,
             "seconds": round(self.seconds, 2),
+            "correct": self.correct,
         }
 
 
@@ -110,7 +114,10 @@ def run_continual(
     metrics = metrics_of(record).as_dict()
     if not keep_banks:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return RunResult(method, mode, order_name, list(order), metrics, steps, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return RunResult(
+        method, mode, order_name, list(order), metrics, steps, seconds, record.get("correct", {})
+    )
 
 
 def _num(value):

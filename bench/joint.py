@@ -128,12 +128,15 @@ def run_joint(
     ordered = [tasks[t] for t in sorted(tasks)]
     model, tokenizer, info = train_joint(params, ordered, base, progress=progress)
     t_train = time.perf_counter() - started
-    row, _, _ = evaluate_model(model, tokenizer, tasks, params, progress=progress)
+    evaluation = evaluate_model(model, tokenizer, tasks, params, progress=progress)
     names = [t.task_id for t in ordered]
-    metrics = ContinualMetrics(order=names, matrix=[row], zero_shot=dict(zero_shot or {})).as_dict()
+    metrics = ContinualMetrics(
+        order=names, matrix=[evaluation.row], zero_shot=dict(zero_shot or {})
+    ).as_dict()
     metrics["bwt"] = metrics["fwt"] = None  # not a continual run: no forgetting or transfer to measure
     info.update(
         step_seconds=round(t_train, 2), eval_seconds=round(time.perf_counter() - started - t_train, 2)
     )
     del model
-    return RunResult("mtl", mode, "joint", names, metrics, [info], time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return RunResult("mtl", mode, "joint", names, metrics, [info], seconds, evaluation.correct)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from bench.presets import METHODS
+from moecl.metrics import paired_acc_difference
 
 # ---------------------------------------------------------------------------------------------- facts
 
@@ -93,6 +94,40 @@ def summarise(runs: list[dict], data: dict | None = None) -> dict:
             for method, group in sorted(by_method.items(), key=lambda kv: _method_rank(kv[0]))
         }
         for mode, by_method in out.items()
+    }
+
+
+def paired_comparisons(runs: list[dict], reference: str = "moecl") -> dict:
+    """mode -> other method -> ACC(reference) - ACC(other), paired record by record on the same test sample.
+
+    Each of the reference's runs is paired with the other method's run of the same order (the joint `mtl`
+    run with every order). Per method: the difference and its paired standard error (mean over orders,
+    like `acc_se`), and the records only one side got right, summed over orders. Runs without per-record
+    correctness (results written before it was kept) are left out.
+    """
+    out: dict = {}
+    by_key = {(r["mode"], r["method"], r["order"]): r for r in runs if r.get("correct")}
+    for (mode, method, order), ref in by_key.items():
+        if method != reference:
+            continue
+        for (other_mode, other, other_order), run in by_key.items():
+            if other_mode != mode or other == reference or other_order not in (order, "joint"):
+                continue
+            pair = paired_acc_difference(ref["correct"], run["correct"])
+            out.setdefault(mode, {}).setdefault(other, []).append((order, pair))
+    return {
+        mode: {
+            other: {
+                "diff": spread([p.diff for _, p in pairs]),
+                "se": spread([p.se for _, p in pairs])["mean"],
+                "reference_only": sum(p.a_only for _, p in pairs),
+                "other_only": sum(p.b_only for _, p in pairs),
+                "records": sum(p.records for _, p in pairs),
+                "orders": [o for o, _ in pairs],
+            }
+            for other, pairs in sorted(others.items(), key=lambda kv: _method_rank(kv[0]))
+        }
+        for mode, others in out.items()
     }
 
 
@@ -191,6 +226,38 @@ def markdown(result: dict) -> str:
             for m, s in methods.items()
         ]
         lines += _table(["method", "ACC", "ACC s.e.", "BWT", "FWT", "orders"], rows) + [""]
+    paired = result.get("paired", {})
+    if paired:
+        lines += [
+            "## moecl against each method, record by record",
+            "",
+            "ACC(moecl) − ACC(method) on the same test records, with the standard error of that paired "
+            "difference (per task var(d)/n of the per-record differences d ∈ {−1, 0, 1}; sqrt of the sum over "
+            "tasks / T; mean over orders). Records both get right or both get wrong cancel, so this is the "
+            "figure that says whether two methods differ. `moecl only` / `other only`: records (all tasks "
+            "and orders) that just one of the two answered right. |diff| / s.e. above about 2 is a "
+            "difference the test sample resolves; the s.e. counts test-sampling noise only, not what another "
+            "training seed would change.",
+            "",
+        ]
+        for mode, others in paired.items():
+            lines += [f"### {mode} mode", ""]
+            rows = [
+                [
+                    other,
+                    _pm(c["diff"]),
+                    _fmt(c["se"]),
+                    _fmt(c["diff"]["mean"] / c["se"], 1) if c["se"] else "–",
+                    c["reference_only"],
+                    c["other_only"],
+                    c["records"],
+                ]
+                for other, c in others.items()
+            ]
+            lines += _table(
+                ["vs", "diff", "paired s.e.", "diff / s.e.", "moecl only", "other only", "records"], rows
+            )
+            lines.append("")
     zero = result.get("zero_shot", {})
     if zero:
         lines += ["## Zero-shot accuracy of the untrained model (b_i)", ""]

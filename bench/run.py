@@ -188,7 +188,7 @@ def _main(argv: list[str] | None) -> int:
         return 2
 
     from bench.backbones import describe
-    from bench.report import hardware, summarise, write_results, zero_shot_table
+    from bench.report import hardware, paired_comparisons, summarise, write_results, zero_shot_table
 
     base, model_cfg = _base(preset, args, tasks_by_mode)
     result = {
@@ -204,6 +204,7 @@ def _main(argv: list[str] | None) -> int:
         "notes": [],
         "runs": [],
         "summary": {},
+        "paired": {},
         "zero_shot": {},
         "cost": None,
         "errors": [],
@@ -215,6 +216,7 @@ def _main(argv: list[str] | None) -> int:
     def save():
         result["wall_seconds"] = round(time.perf_counter() - started_wall, 1)
         result["summary"] = summarise(result["runs"], result["data"])
+        result["paired"] = paired_comparisons(result["runs"])
         result["zero_shot"] = zero_shot_table(result["runs"])
         return write_results(out_dir, name, result)
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from moecl.bank import EVALUATION, check_base, load_bank, read_evaluation, read_manifest
 from moecl.config import Params
 from moecl.data.task import Record, TaskData
 from moecl.errors import UnknownTaskError
-from moecl.metrics import ContinualMetrics, accuracy, stripping_rate
+from moecl.metrics import ContinualMetrics, accuracy, correctness, stripping_rate
 from moecl.model.base import BaseSpec, preferred_device
 from moecl.model.inference import predict
 from moecl.sampling import stratified_sample
@@ -47,6 +48,16 @@ def task_accuracy(
     return accuracy([p.label for p in preds], [r.label for r in records])
 
 
+class ModelEvaluation(NamedTuple):
+    """One model's evaluation: task -> accuracy, stripping rate (binary tasks), test size, and which test
+    records it got right (moecl.metrics.correctness, in the order of the stratified test sample)."""
+
+    row: dict[str, float]
+    stripping: dict[str, float]
+    sizes: dict[str, int]
+    correct: dict[str, str]
+
+
 def evaluate_model(
     model,
     tokenizer,
@@ -55,7 +66,7 @@ def evaluate_model(
     *,
     progress: bool = True,
     only: list[str] | None = None,
-):
+) -> ModelEvaluation:
     """Accuracy (and the stripping rate of binary tasks with a positive label) of every task in the model.
 
     `only` restricts the evaluation to those of the model's tasks (e.g. a benchmark that needs just the cells
@@ -67,21 +78,23 @@ def evaluate_model(
     missing = [t for t in task_ids if t not in tasks]
     if missing:
         raise UnknownTaskError(f"no test data for task(s) {', '.join(missing)} known to the bank")
-    row, stripping, sizes = {}, {}, {}
+    row, stripping, sizes, correct = {}, {}, {}, {}
     for task_id in tqdm(task_ids, desc="evaluate", disable=not progress, leave=False):
         task = tasks[task_id]
         records = stratified_sample(task.test, params.evaluate.max_test_examples, params.train.seed)
         binary = task.positive_label is not None and len(task.labels) == 2
         preds = task_predictions(model, tokenizer, task_id, records, params, with_scores=binary)
-        row[task_id] = accuracy([p.label for p in preds], [r.label for r in records])
+        predicted, gold = [p.label for p in preds], [r.label for r in records]
+        row[task_id] = accuracy(predicted, gold)
         sizes[task_id] = len(records)
+        correct[task_id] = correctness(predicted, gold)
         if binary and preds and preds[0].scores:
             stripping[task_id] = stripping_rate(
                 [p.scores.get(task.positive_label, 0.0) for p in preds],
                 [r.label == task.positive_label for r in records],
                 params.evaluate.stripping_precision,
             )
-    return row, stripping, sizes
+    return ModelEvaluation(row, stripping, sizes, correct)
 
 
 def evaluate_bank(
@@ -96,7 +109,9 @@ def evaluate_bank(
 ) -> dict:
     """Evaluate a bank on every task it knows; append the row to its history; write evaluation.json once.
 
-    Returns the evaluation record: {"metrics": cl.json shape, "rows", "steps", "stripping_rate", "test_sizes"}.
+    Returns the evaluation record: {"metrics": cl.json shape, "rows", "steps", "stripping_rate", "test_sizes",
+    "correct"} ("correct": task -> per-record correctness string of the tasks evaluated here, see
+    `correctness`; empty when the step had already evaluated the bank).
     An already evaluated bank returns its stored evaluation (a bank and its evaluation never change).
     `only` evaluates just those tasks: the row holds only their cells (the metrics accept partial rows).
     """
@@ -109,10 +124,10 @@ def evaluate_bank(
     history = manifest.get("history") or {}
     steps = list(manifest.get("steps", []))
     if len(history.get("matrix", [])) == len(steps):  # the step already evaluated this bank
-        rows, stripping, sizes = list(history["matrix"]), history.get("stripping_rate", {}), {}
+        rows, stripping, sizes, correct = list(history["matrix"]), history.get("stripping_rate", {}), {}, {}
     else:
         loaded = load_bank(bank_dir, base, device=preferred_device())
-        row, stripping, sizes = evaluate_model(
+        row, stripping, sizes, correct = evaluate_model(
             loaded.model, loaded.tokenizer, tasks, params, progress=progress, only=only
         )
         rows = list(history.get("matrix", [])) + [row]
@@ -130,6 +145,7 @@ def evaluate_bank(
         "steps": steps,
         "stripping_rate": stripping,
         "test_sizes": sizes,
+        "correct": correct,
     }
     if write:
         tmp = bank_dir / f".{EVALUATION}.tmp-{os.getpid()}"

@@ -29,6 +29,72 @@ def accuracy(predictions: Sequence[str], references: Sequence[str]) -> float:
     return sum(p == r for p, r in zip(predictions, references)) / len(references)
 
 
+def correctness(predictions: Sequence[str], references: Sequence[str]) -> str:
+    """Which records were answered right, as a compact string: "1" right, "0" wrong, one per record.
+
+    Kept so that two models scored on the same test sample can be compared record by record (see
+    `paired_acc_difference`).
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    return "".join("1" if p == r else "0" for p, r in zip(predictions, references))
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """ACC(a) - ACC(b) from the same test records, with the standard error of that paired difference.
+
+    `a_only` / `b_only`: records (all tasks together) that only a / only b got right; every other record
+    counts the same for both and so carries no information about the difference.
+    """
+
+    diff: float
+    se: float
+    a_only: int
+    b_only: int
+    records: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "diff": round(self.diff, 6),
+            "se": round(self.se, 6),
+            "a_only": self.a_only,
+            "b_only": self.b_only,
+            "records": self.records,
+        }
+
+
+def paired_acc_difference(a: Mapping[str, str], b: Mapping[str, str]) -> PairedDifference:
+    """The ACC difference of two models scored on the same records of the same tasks, paired per record.
+
+    `a`, `b`: task -> `correctness` string. Per task j with n_j records and per-record differences
+    d = a - b in {-1, 0, 1}: the accuracy difference is mean(d) and its variance var(d) / n_j (sample
+    variance); ACC averages T tasks, so ACC(a) - ACC(b) = mean_j mean(d_j) with standard error
+    sqrt(sum_j var(d_j) / n_j) / T. Pairing cancels the records both models get right or both get wrong,
+    which makes this far smaller than the standard error of two independent accuracies.
+    """
+    tasks = sorted(a)
+    if not tasks or sorted(b) != tasks:
+        raise ValueError(f"paired comparison needs the same tasks on both sides: {sorted(a)} vs {sorted(b)}")
+    diffs, variance, a_only, b_only, records = [], 0.0, 0, 0, 0
+    for task in tasks:
+        if len(a[task]) != len(b[task]) or not a[task]:
+            raise ValueError(
+                f"task {task!r}: {len(a[task])} vs {len(b[task])} records; pairing needs equal, non-empty"
+            )
+        d = [int(x) - int(y) for x, y in zip(a[task], b[task])]
+        n = len(d)
+        mean = sum(d) / n
+        diffs.append(mean)
+        variance += (sum((v - mean) ** 2 for v in d) / (n - 1) / n) if n > 1 else 0.0
+        a_only += d.count(1)
+        b_only += d.count(-1)
+        records += n
+    return PairedDifference(
+        sum(diffs) / len(tasks), math.sqrt(variance) / len(tasks), a_only, b_only, records
+    )
+
+
 def normalize_answer(text: str) -> str:
     """Normalised exact match as O-LoRA/MoCL score generations: lower case, no punctuation, one space."""
     import re

@@ -73,6 +73,31 @@ def test_summary_has_mean_and_spread(smoke) -> None:
             assert s["acc_se"] == pytest.approx(sum(by_run) / len(by_run), abs=1e-5)
 
 
+def test_runs_keep_per_record_correctness_and_pair_with_moecl(smoke) -> None:
+    result, out = smoke
+    runs = {(r["mode"], r["method"], r["order"]): r for r in result["runs"]}
+    for (mode, _method, _order), run in runs.items():
+        sizes = {t: d["test"] for t, d in result["data"][mode].items()}
+        assert {t: len(c) for t, c in run["correct"].items()} == sizes
+        # the per-record marks are the accuracies of the final row
+        for task, marks in run["correct"].items():
+            assert run["metrics"]["per_task"][task] == pytest.approx(marks.count("1") / len(marks))
+    for mode, others in result["paired"].items():
+        assert set(others) == set(METHODS) - {"moecl"}
+        for other, c in others.items():
+            orders = ["order1", "order2"]
+            assert c["orders"] == orders
+            diffs = [
+                runs[(mode, "moecl", o)]["acc"] - runs[(mode, other, "joint" if other == "mtl" else o)]["acc"]
+                for o in orders
+            ]
+            assert c["diff"]["mean"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-5)
+            assert c["se"] >= 0 and c["records"] == 2 * sum(
+                result["data"][mode][t]["test"] for t in runs[(mode, "moecl", "order1")]["correct"]
+            )
+    assert "## moecl against each method, record by record" in (out / "smoke.md").read_text()
+
+
 def test_acc_standard_error_is_the_binomial_one() -> None:
     from bench.report import acc_standard_error
 

@@ -7,9 +7,11 @@ from moecl.metrics import (
     acc,
     accuracy,
     bwt,
+    correctness,
     forgetting_per_task,
     fwt,
     normalize_answer,
+    paired_acc_difference,
     stripping_rate,
 )
 
@@ -94,3 +96,43 @@ def test_continual_metrics_round_trip_through_their_json_shape():
     back = ContinualMetrics.from_dict(m.as_dict())
     assert back.as_dict() == m.as_dict()
     assert back.matrix == m.matrix and back.steps == m.steps
+
+
+def test_correctness_marks_each_record():
+    assert correctness(["a", "b", "c"], ["a", "x", "c"]) == "101"
+    with pytest.raises(ValueError):
+        correctness(["a"], ["a", "b"])
+
+
+def test_paired_difference_hand_computed():
+    # task x: a right on 3 of 4, b on 1 of 4, both right on record 0: d = [0, 1, 1, 0], mean .5,
+    # sample var 1/3, var of the mean 1/12. Task y: identical answers, d = 0. ACC diff (.5 + 0) / 2 = .25,
+    # s.e. sqrt(1/12 + 0) / 2.
+    pair = paired_acc_difference({"x": "1110", "y": "0101"}, {"x": "1000", "y": "0101"})
+    assert pair.diff == pytest.approx(0.25)
+    assert pair.se == pytest.approx(math.sqrt(1 / 12) / 2)
+    assert (pair.a_only, pair.b_only, pair.records) == (2, 0, 8)
+    # the paired difference is exactly the difference of the two ACCs
+    acc_a = (3 / 4 + 2 / 4) / 2
+    acc_b = (1 / 4 + 2 / 4) / 2
+    assert pair.diff == pytest.approx(acc_a - acc_b)
+    # swapping the sides flips the sign, not the uncertainty
+    swapped = paired_acc_difference({"x": "1000", "y": "0101"}, {"x": "1110", "y": "0101"})
+    assert swapped.diff == pytest.approx(-0.25) and swapped.se == pytest.approx(pair.se)
+    assert (swapped.a_only, swapped.b_only) == (0, 2)
+
+
+def test_paired_difference_is_tighter_than_independent_accuracies():
+    # two models that agree on 90 of 100 records: the paired s.e. is well under the unpaired one
+    a = "1" * 50 + "0" * 40 + "1" * 10
+    b = "1" * 50 + "0" * 40 + "0" * 10
+    pair = paired_acc_difference({"t": a}, {"t": b})
+    unpaired = math.sqrt(0.6 * 0.4 / 100 + 0.5 * 0.5 / 100)
+    assert pair.diff == pytest.approx(0.1) and pair.se < unpaired / 2
+
+
+def test_paired_difference_rejects_unmatched_samples():
+    with pytest.raises(ValueError, match="same tasks"):
+        paired_acc_difference({"x": "10"}, {"y": "10"})
+    with pytest.raises(ValueError, match="task 'x'"):
+        paired_acc_difference({"x": "10"}, {"x": "101"})

@@ -164,7 +164,7 @@ def run_step(
         )
 
     if eval_tasks is not None:
-        row, stripping, _ = evaluate_model(
+        row, stripping, *_ = evaluate_model(
             model, tokenizer, {**eval_tasks, task.task_id: task}, params, progress=progress
         )
         history["matrix"] = list(history["matrix"]) + [row]
