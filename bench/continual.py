@@ -32,6 +32,9 @@ class RunResult:
     # The final model's per-record correctness on each task's test sample (moecl.metrics.correctness):
     # runs scored on the same sample are compared record by record (bench.report.paired_comparisons).
     correct: dict[str, str] = field(default_factory=dict)
+    # moecl methods: per task, the gate's weight on the task's own expert in the final model
+    # (bench.routing.dedicated_share over the test prompts): {"mean", "min", "max"} over layers.
+    routing: dict[str, dict] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -46,6 +49,7 @@ class RunResult:
             "steps": self.steps,
             "seconds": round(self.seconds, 2),
             "correct": self.correct,
+            "routing": self.routing,
         }
 
 
@@ -112,12 +116,33 @@ def run_continual(
         )
         parent = bank
     metrics = metrics_of(record).as_dict()
+    seconds = time.perf_counter() - started  # training and evaluation; the routing probe is not timed
+    routing = final_routing(parent, base, tasks, order, params) if params.method.uses_gate else {}
     if not keep_banks:
         shutil.rmtree(run_dir, ignore_errors=True)
-    seconds = time.perf_counter() - started
     return RunResult(
-        method, mode, order_name, list(order), metrics, steps, seconds, record.get("correct", {})
+        method, mode, order_name, list(order), metrics, steps, seconds, record.get("correct", {}), routing
     )
+
+
+def final_routing(bank: Path, base: BaseSpec, tasks: dict[str, TaskData], order: list[str], params) -> dict:
+    """Per task of the final bank, the gate's weight beta_t on the task's own expert over its test prompts:
+    the mean over layers and the lowest and highest layer (bench.routing)."""
+    from bench.routing import dedicated_share
+    from moecl.bank import load_bank
+    from moecl.model.base import preferred_device
+
+    loaded = load_bank(bank, base, device=preferred_device())
+    out = {}
+    for task_id in order:
+        texts = [r.text for r in tasks[task_id].test]
+        share = dedicated_share(loaded.model, loaded.tokenizer, task_id, texts, params.train.max_length)
+        out[task_id] = {
+            "mean": round(sum(share) / len(share), 6),
+            "min": round(min(share), 6),
+            "max": round(max(share), 6),
+        }
+    return out
 
 
 def _num(value):

@@ -258,6 +258,28 @@ def markdown(result: dict) -> str:
                 ["vs", "diff", "paired s.e.", "diff / s.e.", "moecl only", "other only", "records"], rows
             )
             lines.append("")
+    routed = [r for r in result.get("runs", []) if r.get("routing")]
+    if routed:
+        lines += [
+            "## The gate: weight on each task's own expert in the final model",
+            "",
+            "beta_t of FFN = beta_s FFN_shared + beta_t FFN_t, averaged over the real tokens of each task's test "
+            "prompts: the mean over layers [lowest, highest layer]. A task's frozen expert protects it only "
+            "as far as the gate routes to it; 0.5 is the untrained gate.",
+            "",
+        ]
+        tasks = list(dict.fromkeys(t for r in routed for t in r["routing"]))
+        rows = [
+            [f"{r['method']} · {r['mode']} · {r['order']}"]
+            + [
+                "–"
+                if t not in r["routing"]
+                else f"{r['routing'][t]['mean']:.3f} [{r['routing'][t]['min']:.3f}, {r['routing'][t]['max']:.3f}]"
+                for t in tasks
+            ]
+            for r in routed
+        ]
+        lines += _table(["run"] + tasks, rows) + [""]
     zero = result.get("zero_shot", {})
     if zero:
         lines += ["## Zero-shot accuracy of the untrained model (b_i)", ""]

@@ -58,3 +58,35 @@ def test_outputs_of_a_bank_agree_with_themselves(banks, tiny_base, two_tasks):
     other = output_agreement(load_bank(a, tiny_base), load_bank(b, tiny_base), "topics", records, params)
     assert other["records"] == 8 and other["mean_tv_distance"] > 0.0
     assert total_variation({"x": 0.75, "y": 0.25}, {"x": 0.25, "y": 0.75}) == pytest.approx(0.5)
+
+
+def test_routing_probe_reads_the_gate_weight_of_the_dedicated_expert(banks, tiny_base, two_tasks):
+    from bench.routing import dedicated_share
+    from moecl.bank import load_bank
+
+    a, _, params = banks
+    loaded = load_bank(a, tiny_base)
+    texts = [r.text for r in two_tasks[0].test[:6]]
+    share = dedicated_share(loaded.model, loaded.tokenizer, "topics", texts, params.train.max_length)
+    assert len(share) == len(loaded.model.layers) and all(0.0 < s < 1.0 for s in share)
+    # zero gate weights give equal logits: beta_t is exactly one half on every layer and token
+    with torch.no_grad():
+        for layer in loaded.model.layers:
+            layer.gate.weight.zero_()
+    routed = dedicated_share(loaded.model, loaded.tokenizer, "topics", texts, params.train.max_length)
+    assert routed == pytest.approx([0.5] * len(share), abs=1e-6)
+
+
+def test_routing_probe_refuses_a_bank_without_gates(tiny_base, two_tasks, tmp_path):
+    from bench.routing import dedicated_share
+    from moecl.bank import load_bank
+    from moecl.config import Params
+    from moecl.train.step import run_step
+
+    params = Params()
+    params.method.name = "seq_lora"
+    params.train.epochs, params.train.max_length = 1, 48
+    run_step(params, two_tasks[0], base=tiny_base, out_bank=tmp_path / "seq", progress=False)
+    loaded = load_bank(tmp_path / "seq", tiny_base)
+    with pytest.raises(ValueError, match="no gates"):
+        dedicated_share(loaded.model, loaded.tokenizer, "topics", ["a text"], 48)

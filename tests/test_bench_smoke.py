@@ -98,6 +98,18 @@ def test_runs_keep_per_record_correctness_and_pair_with_moecl(smoke) -> None:
     assert "## moecl against each method, record by record" in (out / "smoke.md").read_text()
 
 
+def test_moecl_runs_report_their_gate_routing(smoke) -> None:
+    result, out = smoke
+    for run in result["runs"]:
+        if run["method"] in ("moecl", "moecl_nogan", "moecl_mem"):
+            assert set(run["routing"]) == set(run["tasks"])
+            for cell in run["routing"].values():
+                assert 0.0 < cell["min"] <= cell["mean"] <= cell["max"] < 1.0
+        else:
+            assert run["routing"] == {}  # no gate to read
+    assert "## The gate: weight on each task's own expert" in (out / "smoke.md").read_text()
+
+
 def test_acc_standard_error_is_the_binomial_one() -> None:
     from bench.report import acc_standard_error
 
