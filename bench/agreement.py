@@ -1,12 +1,13 @@
 """How far apart two banks of the same tasks are: in their parameters, their answers and their probabilities.
 
-    python -m bench.agreement BANK_A BANK_B [--preset cpu] [--tasks dbpedia amazon]
+    python -m bench.agreement BANK_A BANK_B [--preset cpu] [--tasks dbpedia amazon] [--parameters-only]
 
 Two methods can score the same accuracy because they learned the same thing, or because the test sample is
 too small to show a difference. This tells the two apart for a pair of banks (e.g. `moecl` and `moecl_nogan`
 after the same tasks, kept with `bench.run --workdir W --keep-banks`):
-- parameters: per group both banks carry (shared expert, gates, discriminators, each dedicated expert), the
-  relative distance |a - b| / |a| over all its tensors, each LoRA pair taken as the weight change B @ A;
+- parameters: per group both banks carry (shared expert, gates, discriminators, each dedicated expert), each
+  bank's norm and the relative distance |a - b| / |a| over all its tensors, each LoRA pair taken as the
+  weight change B @ A (so the norms say how large a change each expert makes);
 - outputs, per task on the preset's test records: how many of the two banks' answers differ (greedy
   generation in instruction mode, the head's argmax in classifier mode), and the mean total-variation
   distance between their probabilities over the labels (option likelihood, or the head's softmax).
@@ -60,6 +61,11 @@ def relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
     return math.sqrt(diff / norm) if norm else None
 
 
+def weight_norm(tensors: dict[str, torch.Tensor]) -> float:
+    """Frobenius norm over a group's tensors, LoRA pairs as B @ A: how large a change the group makes."""
+    return math.sqrt(sum(float(t.pow(2).sum()) for t in _effective(tensors).values()))
+
+
 def total_variation(p: dict[str, float], q: dict[str, float]) -> float:
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 
@@ -102,15 +108,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", nargs="+", help="tasks to compare (default: every task of bank A)")
     ap.add_argument("--data", help="the mtl5 folder (default $MOECL_MTL5, then ../shared/data/mtl5)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    ap.add_argument(
+        "--parameters-only", action="store_true", help="compare the weights only (seconds, no data)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     bank_a, bank_b = Path(args.bank_a), Path(args.bank_b)
 
-    print(f"parameters: relative distance |A - B| / |A|, LoRA as B @ A ({bank_a} vs {bank_b})")
+    print(
+        f"parameters, LoRA pairs as B @ A ({bank_a} vs {bank_b}): norms |A|, |B|, relative distance |A - B| / |A|"
+    )
     groups_a, groups_b = parameter_groups(bank_a), parameter_groups(bank_b)
     for group in sorted(set(groups_a) & set(groups_b)):
         distance = relative_distance(groups_a[group], groups_b[group])
-        print(f"  {group:<24} {'-' if distance is None else f'{distance:.4f}'}")
+        print(
+            f"  {group:<24} |A| {weight_norm(groups_a[group]):9.4f}  |B| {weight_norm(groups_b[group]):9.4f}  "
+            f"distance {'-' if distance is None else f'{distance:.4f}'}"
+        )
+    if args.parameters_only:
+        return 0
 
     preset = get_preset(args.preset)
     cfg = model_config(preset)

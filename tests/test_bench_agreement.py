@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -45,6 +46,17 @@ def test_lora_pairs_are_compared_as_their_weight_change():
     b = {"x.A": torch.ones(2, 3) / 2, "x.B": torch.ones(4, 2) * 2}
     assert relative_distance(a, b) == pytest.approx(0.0)
     assert relative_distance(a, {"x.A": torch.ones(2, 3), "x.B": torch.zeros(4, 2)}) == pytest.approx(1.0)
+
+
+def test_weight_norm_measures_the_change_a_lora_pair_makes():
+    from bench.agreement import weight_norm
+
+    # B @ A is a 4 x 3 matrix of 2s: norm sqrt(12 * 4); scaling A up and B down leaves it unchanged
+    assert weight_norm({"x.A": torch.ones(2, 3), "x.B": torch.ones(4, 2)}) == pytest.approx(math.sqrt(48))
+    assert weight_norm({"x.A": torch.ones(2, 3) * 4, "x.B": torch.ones(4, 2) / 4}) == pytest.approx(
+        math.sqrt(48)
+    )
+    assert weight_norm({"x.A": torch.ones(2, 3), "x.B": torch.zeros(4, 2)}) == 0.0  # B = 0: no change yet
 
 
 def test_outputs_of_a_bank_agree_with_themselves(banks, tiny_base, two_tasks):
