@@ -4,7 +4,8 @@
                                        data hash), step history, lineage (parent, params, code revision)
     <bank>/shared.safetensors          the shared expert, the gates and the discriminators (every step changes it)
     <bank>/expert-<task>.safetensors   one task's dedicated expert, head and discriminator memory
-    <bank>/evaluation.json             written once by evaluation (the accuracy matrix up to this bank)
+    <bank>/evaluation.json             written once by evaluation (the accuracy matrix up to this bank, and which
+                                       test records it got right: moecl.metrics.correctness)
 
 A bank directory is immutable: it appears whole (written under a temporary name, then renamed) and is never
 rewritten. The files of tasks a step did not train are hard links to (or copies of) the parent's files, so

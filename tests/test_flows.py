@@ -440,14 +440,21 @@ def test_served_deployment_runs_when_a_dataset_lands(tmp_path, tiny_tok, two_tas
     )
     log = open(tmp_path / "serve.log", "wb")
     t0 = time.monotonic()
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "moecl", "serve", "--port", str(port)],
-        cwd=tmp_path,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    # A process started in the background of a non-interactive shell (`make test &`) ignores SIGINT, and its
+    # children inherit that; a caught handler is reset to the default by exec, so with one installed here the
+    # Ctrl-C below reaches `moecl serve` however the tests were launched.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "moecl", "serve", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         _wait(lambda: healthy(url) or serve.poll() is not None, 120, "the local server")
         assert serve.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
