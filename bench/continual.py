@@ -9,6 +9,7 @@ training (R[i-1][i]) and on the untrained model (b_i) for FWT. ACC/BWT/FWT come 
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,12 @@ def run_continual(
         parent = bank
     metrics = metrics_of(record).as_dict()
     seconds = time.perf_counter() - started  # training and evaluation; the routing probe is not timed
-    routing = final_routing(parent, base, tasks, order, params) if params.method.uses_gate else {}
+    routing = {}
+    if params.method.uses_gate:
+        try:
+            routing = final_routing(parent, base, tasks, order, params)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not cost the run its results
+            print(f"routing probe failed for {method} {mode} {order_name}: {exc!r}", file=sys.stderr)
     if not keep_banks:
         shutil.rmtree(run_dir, ignore_errors=True)
     return RunResult(

@@ -42,6 +42,7 @@ def dedicated_share(model, tokenizer, task_id: str, texts: list[str], max_length
         captured.append((weights * mask).sum().double())
 
     hooks = [layer.gate.register_forward_hook(capture) for layer in layers]
+    was_training = model.training
     try:
         model.eval()
         for start in range(0, len(texts), batch_size):
@@ -51,11 +52,12 @@ def dedicated_share(model, tokenizer, task_id: str, texts: list[str], max_length
             captured.clear()
             with model.routed(batch.tasks, attention_mask=batch.attention_mask):
                 model.decoder_hidden(batch.input_ids, batch.attention_mask)
-            sums += torch.stack(captured)
+            sums += torch.stack(captured).cpu()  # the model may sit on a GPU; the sums stay on the CPU
             tokens += float(mask.sum())
     finally:
         for hook in hooks:
             hook.remove()
+        model.train(was_training)
     return (sums / max(tokens, 1.0)).tolist()
 
 

@@ -110,6 +110,22 @@ def test_moecl_runs_report_their_gate_routing(smoke) -> None:
     assert "## The gate: weight on each task's own expert" in (out / "smoke.md").read_text()
 
 
+def test_a_failing_routing_probe_does_not_cost_the_run(tmp_path, monkeypatch, capsys) -> None:
+    import bench.continual
+    from bench.run import main
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("probe broke")
+
+    monkeypatch.setattr(bench.continual, "final_routing", broken)
+    argv = ["--preset", "smoke", "--methods", "moecl", "--modes", "classifier", "--orders", "order1"]
+    assert main(argv + ["--no-cost", "--out", str(tmp_path), "--quiet"]) == 0
+    result = json.loads((tmp_path / "smoke-slice.json").read_text())
+    (run,) = result["runs"]
+    assert not result["errors"] and run["acc"] is not None and run["routing"] == {}
+    assert "routing probe failed" in capsys.readouterr().err
+
+
 def test_acc_standard_error_is_the_binomial_one() -> None:
     from bench.report import acc_standard_error
 
