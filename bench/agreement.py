@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from moecl.bank import SHARED_FILE, load_bank, read_manifest
+from moecl.bank import SHARED_FILE, read_manifest
 
 _GROUP = re.compile(r"layers\.\d+\.(\w+)\.")
 
@@ -41,7 +41,8 @@ def parameter_groups(bank: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _effective(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LoRA pairs as the weight change they make (B @ A: A alone is mostly its random init); others as they are."""
+    """LoRA pairs as the weight change they make (B @ A: A alone is mostly its random init); others as they are.
+    Idempotent: a group already taken this way comes back unchanged."""
     out = {}
     for name, tensor in tensors.items():
         if name.endswith(".B") and name[:-1] + "A" in tensors:
@@ -96,29 +97,24 @@ def output_agreement(loaded_a, loaded_b, task_id: str, records, params) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bench.backbones import params_base
-    from bench.params import method_params, model_config
-    from bench.presets import get_preset
-    from bench.tasks import find_mtl5, load_mtl5
+    from bench.kept import add_arguments, load_kept_banks
 
     ap = argparse.ArgumentParser(prog="python -m bench.agreement", description=__doc__.split("\n\n")[0])
     ap.add_argument("bank_a")
     ap.add_argument("bank_b")
-    ap.add_argument("--preset", default="cpu", help="whose test sampling and sizes to use (default cpu)")
-    ap.add_argument("--tasks", nargs="+", help="tasks to compare (default: every task of bank A)")
-    ap.add_argument("--data", help="the mtl5 folder (default $MOECL_MTL5, then ../shared/data/mtl5)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    add_arguments(ap)
     ap.add_argument(
         "--parameters-only", action="store_true", help="compare the weights only (seconds, no data)"
     )
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
     bank_a, bank_b = Path(args.bank_a), Path(args.bank_b)
 
     print(
         f"parameters, LoRA pairs as B @ A ({bank_a} vs {bank_b}): norms |A|, |B|, relative distance |A - B| / |A|"
     )
-    groups_a, groups_b = parameter_groups(bank_a), parameter_groups(bank_b)
+    # each LoRA pair's B @ A once per bank: the norm and the distance both read it
+    groups_a = {g: _effective(t) for g, t in parameter_groups(bank_a).items()}
+    groups_b = {g: _effective(t) for g, t in parameter_groups(bank_b).items()}
     for group in sorted(set(groups_a) & set(groups_b)):
         distance = relative_distance(groups_a[group], groups_b[group])
         print(
@@ -128,18 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.parameters_only:
         return 0
 
-    preset = get_preset(args.preset)
-    cfg = model_config(preset)
-    base = params_base(cfg, "cpu")
-    loaded = [load_bank(b, base) for b in (bank_a, bank_b)]
-    mode = loaded[0].model.mode  # the banks' own output mode
-    size = preset.modes[mode]
-    tasks = args.tasks or list(loaded[0].model.task_ids)
-    data = load_mtl5(find_mtl5(args.data), tasks, size.per_class, size.test_per_task, preset.seed)
-    params = method_params(preset, "moecl", mode, cfg)
-    print(f"outputs on the {args.preset} preset's test records ({mode} mode)")
-    for task_id in tasks:
-        out = output_agreement(loaded[0], loaded[1], task_id, data[task_id].test, params)
+    kept = load_kept_banks(args, [bank_a, bank_b])
+    print(f"outputs on the {args.preset} preset's test records ({kept.mode} mode)")
+    for task_id in kept.tasks:
+        out = output_agreement(*kept.loaded, task_id, kept.data[task_id].test, kept.params)
         print(
             f"  {task_id:<10} answers differ on {out['answers_differ']} of {out['records']}; label probabilities: "
             f"mean total variation {out['mean_tv_distance']:.4f}, max {out['max_tv_distance']:.4f}"

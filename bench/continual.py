@@ -134,21 +134,23 @@ def run_continual(
 def final_routing(bank: Path, base: BaseSpec, tasks: dict[str, TaskData], order: list[str], params) -> dict:
     """Per task of the final bank, the gate's weight beta_t on the task's own expert over its test prompts:
     the mean over layers and the lowest and highest layer (bench.routing)."""
-    from bench.routing import dedicated_share
+    from bench.routing import dedicated_share, summarise_share
     from moecl.bank import load_bank
     from moecl.model.base import preferred_device
 
     loaded = load_bank(bank, base, device=preferred_device())
-    out = {}
-    for task_id in order:
-        texts = [r.text for r in tasks[task_id].test]
-        share = dedicated_share(loaded.model, loaded.tokenizer, task_id, texts, params.train.max_length)
-        out[task_id] = {
-            "mean": round(sum(share) / len(share), 6),
-            "min": round(min(share), 6),
-            "max": round(max(share), 6),
-        }
-    return out
+    return {
+        task_id: summarise_share(
+            dedicated_share(
+                loaded.model,
+                loaded.tokenizer,
+                task_id,
+                [r.text for r in tasks[task_id].test],
+                params.train.max_length,
+            )
+        )
+        for task_id in order
+    }
 
 
 def _num(value):

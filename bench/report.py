@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from bench.presets import METHODS
+from bench.routing import format_share
 from moecl.metrics import paired_acc_difference
 
 # ---------------------------------------------------------------------------------------------- facts
@@ -271,12 +272,7 @@ def markdown(result: dict) -> str:
         tasks = list(dict.fromkeys(t for r in routed for t in r["routing"]))
         rows = [
             [f"{r['method']} · {r['mode']} · {r['order']}"]
-            + [
-                "–"
-                if t not in r["routing"]
-                else f"{r['routing'][t]['mean']:.3f} [{r['routing'][t]['min']:.3f}, {r['routing'][t]['max']:.3f}]"
-                for t in tasks
-            ]
+            + [format_share(r["routing"][t]) if t in r["routing"] else "–" for t in tasks]
             for r in routed
         ]
         lines += _table(["run"] + tasks, rows) + [""]

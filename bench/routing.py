@@ -61,43 +61,44 @@ def dedicated_share(model, tokenizer, task_id: str, texts: list[str], max_length
     return (sums / max(tokens, 1.0)).tolist()
 
 
+def summarise_share(share: list[float]) -> dict[str, float]:
+    """A task's per-layer beta_t as {"mean", "min", "max"} over layers."""
+    return {
+        "mean": round(sum(share) / len(share), 6),
+        "min": round(min(share), 6),
+        "max": round(max(share), 6),
+    }
+
+
+def format_share(cell: dict[str, float]) -> str:
+    return f"{cell['mean']:.3f} [{cell['min']:.3f}, {cell['max']:.3f}]"
+
+
 def main(argv: list[str] | None = None) -> int:
-    from bench.backbones import params_base
-    from bench.params import model_config
-    from bench.presets import get_preset
-    from bench.tasks import find_mtl5, load_mtl5
-    from moecl.bank import load_bank
+    from bench.kept import add_arguments, load_kept_banks
 
     ap = argparse.ArgumentParser(prog="python -m bench.routing", description=__doc__.split("\n\n")[0])
     ap.add_argument("banks", nargs="+", help="banks of a moecl method, e.g. every step of one run in order")
-    ap.add_argument("--preset", default="cpu", help="whose test sampling and sizes to use (default cpu)")
-    ap.add_argument("--tasks", nargs="+", help="tasks to probe (default: every task of the last bank)")
-    ap.add_argument("--data", help="the mtl5 folder (default $MOECL_MTL5, then ../shared/data/mtl5)")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    add_arguments(ap)
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    kept = load_kept_banks(args, args.banks, reference=-1)  # the last bank knows every task
 
-    preset = get_preset(args.preset)
-    cfg = model_config(preset)
-    base = params_base(cfg, "cpu")
-    loaded = [load_bank(Path(b), base) for b in args.banks]
-    mode = loaded[-1].model.mode
-    size = preset.modes[mode]
-    tasks = args.tasks or list(loaded[-1].model.task_ids)
-    data = load_mtl5(find_mtl5(args.data), tasks, size.per_class, size.test_per_task, preset.seed)
     print("beta_t, the gate's weight on the task's own expert (mean over layers [lowest, highest layer]),")
-    print(f"over the real tokens of the {args.preset} preset's test prompts ({mode} mode)")
+    print(f"over the real tokens of the {args.preset} preset's test prompts ({kept.mode} mode)")
     print(f"{'task':<10} " + " ".join(f"{Path(b).name:>24}" for b in args.banks))
-    for task_id in tasks:
-        cells = []
-        for bank in loaded:
-            if task_id not in bank.model.task_ids:
-                cells.append(f"{'-':>24}")
-                continue
-            texts = [r.text for r in data[task_id].test]
-            share = dedicated_share(bank.model, bank.tokenizer, task_id, texts, size.max_length)
-            cells.append(f"{sum(share) / len(share):.3f} [{min(share):.3f}, {max(share):.3f}]".rjust(24))
-        print(f"{task_id:<10} " + " ".join(cells))
+    for task_id in kept.tasks:
+        texts = [r.text for r in kept.data[task_id].test]
+        cells = [
+            format_share(
+                summarise_share(
+                    dedicated_share(bank.model, bank.tokenizer, task_id, texts, kept.params.train.max_length)
+                )
+            )
+            if task_id in bank.model.task_ids
+            else "-"
+            for bank in kept.loaded
+        ]
+        print(f"{task_id:<10} " + " ".join(c.rjust(24) for c in cells))
     return 0
 
 
