@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.params import method_params
+from bench.variants import parse_variant
 from moecl.data.task import TaskData
 from moecl.evaluate import evaluate_bank, metrics_of
 from moecl.model.base import BaseSpec
@@ -36,12 +37,14 @@ class RunResult:
     # moecl methods: per task, the gate's weight on the task's own expert in the final model
     # (bench.routing.dedicated_share over the test prompts): {"mean", "min", "max"} over layers.
     routing: dict[str, dict] = field(default_factory=dict)
+    seed: int = 42  # the training seed (the data sample is the preset's)
 
     def as_dict(self) -> dict:
         return {
             "method": self.method,
             "mode": self.mode,
             "order": self.order,
+            "seed": self.seed,
             "tasks": self.tasks,
             "acc": self.metrics.get("acc"),
             "bwt": self.metrics.get("bwt"),
@@ -68,6 +71,7 @@ def run_continual(
     zero_shot_cache: dict | None = None,
     keep_banks: bool = False,
     progress: bool = False,
+    seed: int | None = None,
 ) -> RunResult:
     """Train the order's tasks one after the other; return the metrics and per-step timings.
 
@@ -75,8 +79,8 @@ def run_continual(
     untrained model's greedy answers do not depend on the method (in classifier mode b_i goes through the
     new task's freshly initialised head, which does, so it is scored per run).
     """
-    params = method_params(preset, method, mode, model_cfg)
-    run_dir = workdir / f"{method}-{mode}-{order_name}"
+    params = method_params(preset, method, mode, model_cfg, seed)
+    run_dir = workdir / f"{parse_variant(method).file_stem}-{mode}-{order_name}-s{params.train.seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     started = time.perf_counter()
@@ -93,6 +97,7 @@ def run_continual(
             out_bank=bank,
             parent_bank=parent,
             progress=progress,
+            replay_tasks={t: tasks[t] for t in order[:i]} if params.method.replay_per_task else None,
             zero_shot=cached,
         )
         if share_zero_shot and cached is None and result.zero_shot is not None:
@@ -111,6 +116,7 @@ def run_continual(
                 "optimisation_steps": len(result.outcome.losses),
                 "train_examples": result.outcome.train_examples,
                 "dev_examples": result.outcome.dev_examples,
+                "replay_examples": result.outcome.replay_examples,
                 "best_dev_accuracy": _num(result.best_dev_accuracy),
                 "final_losses": {k: _num(v) for k, v in losses.items()} if losses else None,
             }
@@ -127,7 +133,16 @@ def run_continual(
     if not keep_banks:
         shutil.rmtree(run_dir, ignore_errors=True)
     return RunResult(
-        method, mode, order_name, list(order), metrics, steps, seconds, record.get("correct", {}), routing
+        method,
+        mode,
+        order_name,
+        list(order),
+        metrics,
+        steps,
+        seconds,
+        record.get("correct", {}),
+        routing,
+        params.train.seed,
     )
 
 

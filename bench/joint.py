@@ -121,9 +121,10 @@ def run_joint(
     model_cfg=None,
     zero_shot: dict | None = None,
     progress: bool = False,
+    seed: int | None = None,
 ) -> RunResult:
     """The upper bound on the preset's tasks (task order does not matter: one run per mode)."""
-    params = method_params(preset, "mtl", mode, model_cfg)
+    params = method_params(preset, "mtl", mode, model_cfg, seed)
     started = time.perf_counter()
     ordered = [tasks[t] for t in sorted(tasks)]
     model, tokenizer, info = train_joint(params, ordered, base, progress=progress)
@@ -139,4 +140,6 @@ def run_joint(
     )
     del model
     seconds = time.perf_counter() - started
-    return RunResult("mtl", mode, "joint", names, metrics, [info], seconds, evaluation.correct)
+    return RunResult(
+        "mtl", mode, "joint", names, metrics, [info], seconds, evaluation.correct, seed=params.train.seed
+    )

@@ -5,18 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.presets import Preset
+from bench.variants import parse_variant
 from moecl.config import ModelConfig, Params, load_params
-
-# Benchmark method -> (moecl method.name, uses the discriminator memory)
-LIBRARY_METHOD = {
-    "seq_lora": "seq_lora",
-    "per_task_lora": "per_task_lora",
-    "o_lora": "o_lora",
-    "moecl_nogan": "moecl_nogan",
-    "moecl": "moecl",
-    "moecl_mem": "moecl",
-    "mtl": "seq_lora",  # one shared LoRA, trained jointly on every task (bench/joint.py)
-}
 
 
 def model_config(
@@ -30,20 +20,24 @@ def model_config(
     return cfg
 
 
-def method_params(preset: Preset, method: str, mode: str, model_cfg: ModelConfig | None = None) -> Params:
+def method_params(
+    preset: Preset, method: str, mode: str, model_cfg: ModelConfig | None = None, seed: int | None = None
+) -> Params:
+    """Params of one benchmark row (`method`: a variant name, bench.variants) in one mode; `seed`: the training
+    seed (default the preset's; the data sample always uses the preset's)."""
     size = preset.modes[mode]
     params = Params()
     if model_cfg is not None:
         params.model = model_cfg
     for key, value in preset.lora.items():
         setattr(params.lora, key, value)
-    params.method.name = LIBRARY_METHOD[method]
-    params.method.mode = mode
     params.method.adv_alpha = preset.adv_alpha
-    params.method.memory_per_task = preset.memory_per_task if method == "moecl_mem" else 0
+    params.method = parse_variant(method).method_config(params.method, preset.replay_per_task)
+    params.method.mode = mode
     train = params.train
     train.lr, train.epochs, train.batch_size = size.lr, size.epochs, size.batch_size
-    train.max_length, train.seed, train.dev_fraction = size.max_length, preset.seed, size.dev_fraction
+    train.max_length, train.dev_fraction = size.max_length, size.dev_fraction
+    train.seed = preset.seed if seed is None else seed
     train.evals_per_epoch, train.max_train_examples, train.threads = size.evals_per_epoch, 0, preset.threads
     evaluate = params.evaluate
     evaluate.instruction_eval, evaluate.max_new_tokens = "generate", size.max_new_tokens

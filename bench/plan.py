@@ -4,19 +4,30 @@ from __future__ import annotations
 
 import math
 
-from bench.presets import CL_METHODS
+from bench.variants import parse_variant
 
 
-def plan_runs(methods: list[str], modes: list[str], orders: list[str]) -> list[tuple[str, str | None, str]]:
-    """(mode, order, method), order by order: a run cut short by a time budget loses whole orders, not a mode.
-    mtl (order-independent) runs once per mode, with the first order."""
-    cl = [m for m in methods if m in CL_METHODS]
+def plan_runs(
+    methods: list[str], modes: list[str], orders: list[str], seeds: dict[str, list[int]] | None = None
+) -> list[tuple[str, str | None, str, int]]:
+    """(mode, order, method, seed): every row's first seed order by order, then the extra seeds, so that a run
+    cut short loses repeats before it loses a row. The joint row (order-independent) runs once per mode and
+    seed, with the first order. `seeds`: row -> its training seeds (default: 42 for every row)."""
+    seeds = seeds or {}
     plan = []
-    for k, order in enumerate(orders):
-        for mode in modes:
-            plan += [(mode, order, m) for m in cl]
-            if k == 0 and "mtl" in methods:
-                plan.append((mode, None, "mtl"))
+    rounds = max((len(seeds.get(m, [42])) for m in methods), default=1)
+    for r in range(rounds):
+        for k, order in enumerate(orders):
+            for mode in modes:
+                for m in methods:
+                    row_seeds = seeds.get(m, [42])
+                    if r >= len(row_seeds):
+                        continue
+                    if parse_variant(m).joint:
+                        if k == 0:
+                            plan.append((mode, None, m, row_seeds[r]))
+                    else:
+                        plan.append((mode, order, m, row_seeds[r]))
     return plan
 
 
@@ -39,7 +50,7 @@ def describe_plan(preset, methods, modes, orders, tasks_by_mode, cost: bool = Tr
         test = sum(v[1] for v in per_task.values()) / len(per_task)
         dev = sum(v[2] for v in per_task.values()) * size.epochs * size.evals_per_epoch
         predictions = round(test * (n_order * 2 + n_order - 1 + n_order)) + dev
-        runs = sum(1 for m, _, _ in plan if m == mode)
+        runs = sum(1 for m, *_ in plan if m == mode)
         lines.append(
             f"  {mode}: {runs} runs; per run about {steps} optimisation steps of {size.batch_size} x <= "
             f"{size.max_length} tokens and {predictions} predictions (test + dev)"
@@ -49,9 +60,9 @@ def describe_plan(preset, methods, modes, orders, tasks_by_mode, cost: bool = Tr
         )
     if cost:
         c = preset.cost
-        n = (len([m for m in methods if m != "mtl"]) or 2) * len(c.modes) + len(c.scaling_tasks) * len(
-            c.scaling_methods
-        )
+        n = (len([m for m in methods if not parse_variant(m).joint]) or 2) * len(c.modes) + len(
+            c.scaling_tasks
+        ) * len(c.scaling_methods)
         lines.append(
             f"  cost: {n} models x {c.warmup + c.repeats} steps of {c.batch_size} x {c.seq_len} tokens"
         )

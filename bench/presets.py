@@ -1,8 +1,9 @@
 """Benchmark presets: which backbone, data, methods, orders and sizes a run uses.
 
-A preset is plain data; `bench.run` turns it into moecl Params (one per method and mode) and runs it.
-CLI flags (--methods, --modes, --orders, --per-class, --test-per-task, --epochs, --max-length) narrow or resize
-a preset.
+A preset is plain data; `bench.run` turns it into moecl Params (one per row and mode: bench.params) and runs
+it. Its rows ("methods") are variant names (bench.variants): a library method plus method-knob overrides.
+CLI flags (--methods, --modes, --orders, --seeds) select; --per-class, --test-per-task, --epochs, --max-length
+resize.
 """
 
 from __future__ import annotations
@@ -10,9 +11,33 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-# The CL methods run through moecl.train.step.run_step, plus the joint multi-task upper bound ("mtl").
-METHODS = ("seq_lora", "per_task_lora", "o_lora", "moecl_nogan", "moecl", "moecl_mem", "mtl")
-CL_METHODS = tuple(m for m in METHODS if m != "mtl")
+# The rows of the main table: the baselines, MoE-CL as published and at the library's defaults, the joint
+# upper bound, and replay offered to every method that can use it (per_task_lora's replayed rows would only
+# pass through frozen experts).
+METHODS = (
+    "seq_lora",
+    "per_task_lora",
+    "o_lora",
+    "moecl_paper",
+    "moecl",
+    "mtl",
+    "seq_lora+replay",
+    "o_lora+replay",
+    "moecl+replay",
+)
+# One row per knob beyond the paper, each added alone to the paper's setting (`--ablation`).
+ABLATION = (
+    "moecl_paper",
+    "moecl_nogan",
+    "moecl_paper+shared_lr",
+    "moecl_paper+gate_bias",
+    "moecl_paper+task_gates",
+    "moecl_paper+gate_bias+task_gates",
+    "moecl_paper+orth",
+    "moecl_paper+memory",
+    "moecl_paper+replay",
+    "moecl",
+)
 
 # The paper's task orders on the 4-task standard CL benchmark (MTL5 without yelp).
 MTL5_ORDERS = {
@@ -72,11 +97,14 @@ class Preset:
     modes: dict[str, ModeSize]
     cost: CostSize
     methods: tuple[str, ...] = METHODS
+    ablation: tuple[str, ...] = ABLATION
+    # training seeds beyond `seed` for some rows (training-seed noise; the data sample keeps `seed`)
+    extra_seeds: dict = field(default_factory=dict)
+    replay_per_task: int = 16  # the `replay` knob: training records replayed per earlier task
     dtype: str = "float32"  # the frozen base's dtype (adapters stay float32)
     device: str = "cpu"
     threads: int = 0  # torch CPU threads (0 = torch's default)
     adv_alpha: float = 0.1
-    memory_per_task: int = 8  # moecl_mem: discriminator memory per earlier task
     seed: int = 42
     lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.05})
 
@@ -88,14 +116,25 @@ _SMOKE_MODE = ModeSize(
     per_class=6, test_per_task=8, epochs=2, lr=5e-3, batch_size=8, max_length=48, max_new_tokens=4
 )
 
-_CPU_MODES = {
-    # Instruction mode carries the comparison on CPU: 6 examples/class, 2 epochs, 24 test records per task,
-    # prompts cut at 112 tokens (about 48 steps of 8 x 112 tokens and ~300 greedy generations per run: ~5 min
-    # per method on 2 cores). Sized so that the whole preset stays under an hour there.
+_CPU_INSTRUCTION = ModeSize(
+    # 16 examples/class, 2 epochs, 100 test records per task, prompts cut at 128 tokens: about 120 steps of
+    # 8 x 128 tokens and ~1400 greedy generations per run, ~11 minutes per run on 2 cores. The smallest size
+    # at which the joint upper bound beats seq_lora by more than 3 paired standard errors.
+    per_class=16,
+    test_per_task=100,
+    epochs=2,
+    lr=5e-4,
+    batch_size=8,
+    max_length=128,
+)
+# The first sizes of the cpu preset (6/class, 24 test records, both modes): kept as `cpu-small`; at that
+# size the methods could not be told apart (bench/results/cpu-small.md).
+_CPU_SMALL_MODES = {
     "instruction": ModeSize(per_class=6, test_per_task=24, epochs=2, lr=5e-4, batch_size=8, max_length=112),
-    # Classifier heads at CPU sizes cannot separate the methods: kept small, as a check of the path.
     "classifier": ModeSize(per_class=4, test_per_task=24, epochs=1, lr=1e-3, batch_size=8, max_length=64),
 }
+# Training-seed noise: the rows that carry the comparison also run with a second seed.
+_SECOND_SEED = {m: (43,) for m in ("seq_lora", "moecl_paper", "moecl", "moecl+replay")}
 
 PRESETS = {
     "smoke": Preset(
@@ -113,27 +152,52 @@ PRESETS = {
             modes=("classifier", "instruction"),
             scaling_methods=("moecl", "o_lora"),
         ),
-        memory_per_task=4,
+        methods=(
+            "seq_lora",
+            "per_task_lora",
+            "o_lora",
+            "moecl_nogan",
+            "moecl_paper",
+            "moecl",
+            "moecl_mem",
+            "mtl",
+            "seq_lora+replay",
+            "moecl+replay",
+        ),
+        replay_per_task=4,
         threads=1,
     ),
     "cpu": Preset(
         name="cpu",
-        description="SmolLM2-135M-Instruct on 2 CPU cores, order1, both modes (under an hour)",
+        description="SmolLM2-135M-Instruct on 2 CPU cores, instruction mode, order1 (a second seed for the "
+        "rows that carry the comparison); about 11 minutes a run, resumable run by run",
         backbone="params",
         data="mtl5",
         orders={"order1": MTL5_ORDERS["order1"]},
-        modes=_CPU_MODES,
+        modes={"instruction": _CPU_INSTRUCTION},
         cost=CostSize(batch_size=8, seq_len=128, warmup=1, repeats=3),
+        extra_seeds=_SECOND_SEED,
         threads=2,
     ),
     "cpu-full": Preset(
         name="cpu-full",
-        description="SmolLM2-135M-Instruct on CPU, all three orders, both modes (about 2.5 hours)",
+        description="SmolLM2-135M-Instruct on CPU, instruction mode, all three orders (about 5 hours)",
         backbone="params",
         data="mtl5",
         orders=MTL5_ORDERS,
-        modes=_CPU_MODES,
+        modes={"instruction": _CPU_INSTRUCTION},
         cost=CostSize(batch_size=8, seq_len=128, warmup=1, repeats=5),
+        threads=2,
+    ),
+    "cpu-small": Preset(
+        name="cpu-small",
+        description="the cpu preset's first size: 6/class, 24 test records, both modes (under an hour); "
+        "too small to tell the methods apart",
+        backbone="params",
+        data="mtl5",
+        orders={"order1": MTL5_ORDERS["order1"]},
+        modes=_CPU_SMALL_MODES,
+        cost=CostSize(batch_size=8, seq_len=128, warmup=1, repeats=3),
         threads=2,
     ),
     "gpu": Preset(
@@ -174,6 +238,8 @@ PRESETS = {
             modes=("classifier", "instruction"),
             scaling_methods=("moecl", "o_lora"),
         ),
+        extra_seeds=_SECOND_SEED,
+        replay_per_task=64,
         dtype="bfloat16",
         device="cuda",
     ),

@@ -13,6 +13,7 @@ import torch
 
 from bench.presets import METHODS
 from bench.routing import format_share
+from bench.variants import parse_variant
 from moecl.metrics import paired_acc_difference
 
 # ---------------------------------------------------------------------------------------------- facts
@@ -76,9 +77,10 @@ def acc_standard_error(per_task: dict[str, float], test_sizes: dict[str, int]) -
     return round(math.sqrt(sum(p * (1 - p) / n for p, n in cells)) / len(cells), 6)
 
 
-def summarise(runs: list[dict], data: dict | None = None) -> dict:
-    """mode -> method -> {acc, bwt, fwt: spread over orders; acc_se: ACC's test-sampling standard error,
-    averaged over orders}. `data`: mode -> task -> {"test": n, ...} (bench.tasks.data_summary)."""
+def summarise(runs: list[dict], data: dict | None = None, methods: list[str] | None = None) -> dict:
+    """mode -> method -> {acc, bwt, fwt: spread over the method's runs (orders and seeds); acc_se: ACC's
+    test-sampling standard error, averaged over runs; runs: "order/seed" of each}. `data`: mode -> task ->
+    {"test": n, ...} (bench.tasks.data_summary). Rows in the order of `methods`."""
     out: dict = {}
     for run in runs:
         out.setdefault(run["mode"], {}).setdefault(run["method"], []).append(run)
@@ -91,45 +93,80 @@ def summarise(runs: list[dict], data: dict | None = None) -> dict:
     return {
         mode: {
             method: {k: spread([r[k] for r in group]) for k in ("acc", "bwt", "fwt")}
-            | {"acc_se": se(mode, group), "orders": [r["order"] for r in group]}
-            for method, group in sorted(by_method.items(), key=lambda kv: _method_rank(kv[0]))
+            | {
+                "acc_se": se(mode, group),
+                "orders": [r["order"] for r in group],
+                "runs": [_run_label(r) for r in group],
+            }
+            for method, group in sorted(by_method.items(), key=lambda kv: _method_rank(kv[0], methods))
         }
         for mode, by_method in out.items()
     }
 
 
-def paired_comparisons(runs: list[dict], reference: str = "moecl") -> dict:
-    """mode -> other method -> ACC(reference) - ACC(other), paired record by record on the same test sample.
+def label(method: str) -> str:
+    """How the tables name a row: `moecl (paper)`, `moecl (best)+replay`, `seq_lora`..."""
+    try:
+        return parse_variant(method).label
+    except SystemExit:
+        return method
 
-    Each of the reference's runs is paired with the other method's run of the same order (the joint `mtl`
-    run with every order). Per method: the difference and its paired standard error (mean over orders,
-    like `acc_se`), and the records only one side got right, summed over orders. Runs without per-record
-    correctness (results written before it was kept) are left out.
+
+def _run_label(run: dict) -> str:
+    return f"{run['order']}/s{run.get('seed', 42)}"
+
+
+# The rows that the paired tables compare with every other: the best MoE-CL, and its replay form.
+REFERENCES = ("moecl", "moecl+replay")
+
+
+def paired_comparisons(runs: list[dict], methods: list[str] | None = None) -> dict:
+    """reference -> mode -> other row -> ACC(reference) - ACC(other), paired record by record.
+
+    Each reference run is paired with the other row's run of the same order and seed (the joint `mtl` run with
+    every order; a row run with fewer seeds pairs with its first). Per row: the difference (spread over the
+    pairs) and its paired standard error (mean over pairs), and the records only one side got right, summed.
+    References: REFERENCES that were run, else the first moecl row there is. Runs without per-record
+    correctness are left out.
     """
+    with_marks = [r for r in runs if r.get("correct")]
+    present = {r["method"] for r in with_marks}
+    references = [m for m in REFERENCES if m in present] or [
+        m for m in (methods or sorted(present)) if m in present and m.startswith("moecl")
+    ][:1]
     out: dict = {}
-    by_key = {(r["mode"], r["method"], r["order"]): r for r in runs if r.get("correct")}
-    for (mode, method, order), ref in by_key.items():
-        if method != reference:
-            continue
-        for (other_mode, other, other_order), run in by_key.items():
-            if other_mode != mode or other == reference or other_order not in (order, "joint"):
-                continue
-            pair = paired_acc_difference(ref["correct"], run["correct"])
-            out.setdefault(mode, {}).setdefault(other, []).append((order, pair))
-    return {
-        mode: {
-            other: {
-                "diff": spread([p.diff for _, p in pairs]),
-                "se": spread([p.se for _, p in pairs])["mean"],
-                "reference_only": sum(p.a_only for _, p in pairs),
-                "other_only": sum(p.b_only for _, p in pairs),
-                "records": sum(p.records for _, p in pairs),
-                "orders": [o for o, _ in pairs],
+    for reference in references:
+        table: dict = {}
+        for ref in (r for r in with_marks if r["method"] == reference):
+            for other in sorted({r["method"] for r in with_marks} - {reference}):
+                candidates = [
+                    r
+                    for r in with_marks
+                    if r["method"] == other
+                    and r["mode"] == ref["mode"]
+                    and r["order"] in (ref["order"], "joint")
+                ]
+                if not candidates:
+                    continue
+                same_seed = [r for r in candidates if r.get("seed", 42) == ref.get("seed", 42)]
+                run = (same_seed or candidates)[0]
+                pair = paired_acc_difference(ref["correct"], run["correct"])
+                table.setdefault(ref["mode"], {}).setdefault(other, []).append((_run_label(ref), pair))
+        out[reference] = {
+            mode: {
+                other: {
+                    "diff": spread([p.diff for _, p in pairs]),
+                    "se": spread([p.se for _, p in pairs])["mean"],
+                    "reference_only": sum(p.a_only for _, p in pairs),
+                    "other_only": sum(p.b_only for _, p in pairs),
+                    "records": sum(p.records for _, p in pairs),
+                    "orders": [o for o, _ in pairs],
+                }
+                for other, pairs in sorted(others.items(), key=lambda kv: _method_rank(kv[0], methods))
             }
-            for other, pairs in sorted(others.items(), key=lambda kv: _method_rank(kv[0]))
+            for mode, others in table.items()
         }
-        for mode, others in out.items()
-    }
+    return out
 
 
 def zero_shot_table(runs: list[dict]) -> dict:
@@ -147,8 +184,9 @@ def zero_shot_table(runs: list[dict]) -> dict:
     }
 
 
-def _method_rank(method: str) -> int:
-    return METHODS.index(method) if method in METHODS else len(METHODS)
+def _method_rank(method: str, methods: list[str] | None = None) -> tuple[int, str]:
+    order = list(methods or METHODS)
+    return (order.index(method) if method in order else len(order), method)
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -215,37 +253,45 @@ def markdown(result: dict) -> str:
         lines += [
             "## Accuracy (ACC), backward transfer (BWT), forward transfer (FWT)",
             "",
-            "Mean ± sample std over the task orders run. `mtl` is the joint multi-task upper bound (not "
-            "continual). `ACC s.e.`: the standard error of ACC that the finite test sample alone implies "
-            "(binomial, sqrt(Σ p(1−p)/n) / T); two methods' ACC closer than about twice it are not told apart.",
+            "Mean ± sample std over the runs of each row (task orders and training seeds, listed in `runs`). "
+            "`mtl` is the joint multi-task upper bound (not continual). `ACC s.e.`: the standard error of ACC "
+            "that the finite test sample alone implies (binomial, sqrt(Σ p(1−p)/n) / T); the paired table "
+            "below is the one that tells two rows apart.",
             "",
         ]
     for mode, methods in result.get("summary", {}).items():
         lines += [f"### {mode} mode", ""]
         rows = [
-            [m, _pm(s["acc"]), _fmt(s.get("acc_se")), _pm(s["bwt"]), _pm(s["fwt"]), ", ".join(s["orders"])]
+            [
+                label(m),
+                _pm(s["acc"]),
+                _fmt(s.get("acc_se")),
+                _pm(s["bwt"]),
+                _pm(s["fwt"]),
+                ", ".join(s.get("runs") or s["orders"]),
+            ]
             for m, s in methods.items()
         ]
-        lines += _table(["method", "ACC", "ACC s.e.", "BWT", "FWT", "orders"], rows) + [""]
-    paired = result.get("paired", {})
-    if paired:
+        lines += _table(["method", "ACC", "ACC s.e.", "BWT", "FWT", "runs"], rows) + [""]
+    for reference, by_mode in (result.get("paired") or {}).items():
+        name = label(reference)
         lines += [
-            "## moecl against each method, record by record",
+            f"## {name} against each row, record by record",
             "",
-            "ACC(moecl) − ACC(method) on the same test records, with the standard error of that paired "
+            f"ACC({name}) − ACC(row) on the same test records, with the standard error of that paired "
             "difference (per task var(d)/n of the per-record differences d ∈ {−1, 0, 1}; sqrt of the sum over "
-            "tasks / T; mean over orders). Records both get right or both get wrong cancel, so this is the "
-            "figure that says whether two methods differ. `moecl only` / `other only`: records (all tasks "
-            "and orders) that just one of the two answered right. |diff| / s.e. above about 2 is a "
-            "difference the test sample resolves; the s.e. counts test-sampling noise only, not what another "
-            "training seed would change.",
+            "tasks / T; mean over the paired runs, same order and seed). Records both get right or both get "
+            "wrong cancel, so this is the figure that says whether two rows differ. `ref only` / `other only`: "
+            "records (all paired runs) that just one of the two answered right. |diff| / s.e. above about 2 is "
+            "a difference the test sample resolves; the s.e. counts test-sampling noise only, not what another "
+            "training seed would change (the runs' spread in the table above shows that).",
             "",
         ]
-        for mode, others in paired.items():
+        for mode, others in by_mode.items():
             lines += [f"### {mode} mode", ""]
             rows = [
                 [
-                    other,
+                    label(other),
                     _pm(c["diff"]),
                     _fmt(c["se"]),
                     _fmt(c["diff"]["mean"] / c["se"], 1) if c["se"] else "–",
@@ -256,7 +302,7 @@ def markdown(result: dict) -> str:
                 for other, c in others.items()
             ]
             lines += _table(
-                ["vs", "diff", "paired s.e.", "diff / s.e.", "moecl only", "other only", "records"], rows
+                ["vs", "diff", "paired s.e.", "diff / s.e.", "ref only", "other only", "records"], rows
             )
             lines.append("")
     routed = [r for r in result.get("runs", []) if r.get("routing")]
@@ -271,7 +317,7 @@ def markdown(result: dict) -> str:
         ]
         tasks = list(dict.fromkeys(t for r in routed for t in r["routing"]))
         rows = [
-            [f"{r['method']} · {r['mode']} · {r['order']}"]
+            [f"{label(r['method'])} · {r['mode']} · {_run_label(r)}"]
             + [format_share(r["routing"][t]) if t in r["routing"] else "–" for t in tasks]
             for r in routed
         ]
@@ -308,7 +354,7 @@ def markdown(result: dict) -> str:
         m = run["metrics"]
         order = m["order"]
         lines += [
-            f"**{run['method']} · {run['mode']} · {run['order']}** — ACC {_fmt(run['acc'])}, "
+            f"**{label(run['method'])} · {run['mode']} · {_run_label(run)}** — ACC {_fmt(run['acc'])}, "
             f"BWT {_fmt(run['bwt'])}, FWT {_fmt(run['fwt'])}, {_fmt(run['seconds'], 0)} s",
             "",
         ]
@@ -324,6 +370,13 @@ def markdown(result: dict) -> str:
     cost = result.get("cost")
     if cost:
         lines += _cost_markdown(cost)
+    reused = sum(1 for r in result.get("runs", []) if r.get("reused"))
+    if reused:
+        lines += [
+            f"{reused} of {len(result['runs'])} runs were read back from their stored files "
+            f"({result['selected'].get('runs_dir')}), run in earlier invocations with the same settings.",
+            "",
+        ]
     lines += ["## Preset", "", "```json", json.dumps(result["config"], indent=1), "```", ""]
     return "\n".join(lines)
 

@@ -1,9 +1,11 @@
-"""python -m bench.run --preset smoke|cpu|cpu-full|gpu [--methods ...] [--modes ...] [--orders ...]
+"""python -m bench.run --preset smoke|cpu|cpu-small|cpu-full|gpu [--methods ...] [--ablation] [--split dev]
 
-Runs the cost micro-benchmarks, then every selected method in every selected mode and task order, and
-writes bench/results/<name>.json and .md (rewritten after every finished run, so an interrupted benchmark
-still leaves its finished runs). <name> is the preset's name, or <preset>-slice when a flag narrows or
-resizes the preset (so a quick slice never overwrites a full result), or --name.
+Runs the cost micro-benchmarks, then every selected row ("method": a variant, bench/variants.py) in every
+selected mode, task order and seed, and writes bench/results/<name>.json and .md. Each finished run is also
+kept in its own file (bench/results/runs/<preset>[-dev]/, bench/store.py): a rerun with the same settings
+reuses it, so a long benchmark is built over several sessions, and the results files aggregate every run
+there is. <name> is the preset's name (<preset>-ablation with --ablation, <preset>-dev with --split dev), or
+<preset>-slice when a flag resizes the preset (so a quick slice never overwrites a full result), or --name.
 """
 
 from __future__ import annotations
@@ -40,7 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ap.add_argument("--preset", default="smoke", help="smoke | cpu | cpu-full | gpu (default smoke)")
-    ap.add_argument("--methods", nargs="+", help=f"subset of: {' '.join(METHODS)}")
+    ap.add_argument(
+        "--methods",
+        nargs="+",
+        help=f"rows to run (default the preset's: {' '.join(METHODS)}); any variant name, e.g. "
+        "moecl_paper+gate_bias (bench/variants.py)",
+    )
+    ap.add_argument("--ablation", action="store_true", help="the preset's ablation rows (one knob each)")
+    ap.add_argument("--seeds", nargs="+", type=int, help="training seeds (default the preset's, + its extra)")
+    ap.add_argument(
+        "--split",
+        choices=("test", "dev"),
+        default="test",
+        help="score on the test split, or on a dev split drawn from the training data (choose settings there)",
+    )
+    ap.add_argument("--rerun", action="store_true", help="run again even where a stored run matches")
     ap.add_argument("--modes", nargs="+", help="subset of: classifier instruction")
     ap.add_argument("--orders", nargs="+", help="subset of the preset's orders (order1 order2 order3)")
     ap.add_argument(
@@ -54,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cost-only", action="store_true", help="only the cost micro-benchmarks")
     ap.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
     ap.add_argument("--name", help="results file stem (default: the preset, or <preset>-slice)")
+    ap.add_argument("--runs-dir", help="where each run's own file goes (default bench/results/runs/<preset>)")
     ap.add_argument("--data", help="the mtl5 folder (default $MOECL_MTL5, then ../shared/data/mtl5)")
     ap.add_argument("--base-dir", help="a local Hugging Face model folder instead of params.yaml `model:`")
     ap.add_argument("--params", default="params.yaml", help="where `model:` comes from (default params.yaml)")
@@ -84,8 +101,9 @@ def _select(requested: list[str] | None, available, what: str) -> list[str]:
     return [a for a in available if a in requested]
 
 
-def _load_tasks(preset, modes: list[str], orders: dict, data: str | None) -> dict:
-    """mode -> task_id -> TaskData (sizes differ by mode)."""
+def _load_tasks(preset, modes: list[str], orders: dict, data: str | None, split: str = "test") -> dict:
+    """mode -> task_id -> TaskData (sizes differ by mode); split "dev": the test records are drawn from the
+    training data the run does not train on."""
     from bench.tasks import find_mtl5, load_mtl5, synthetic_tasks
 
     names = sorted({t for order in orders.values() for t in order})
@@ -94,10 +112,12 @@ def _load_tasks(preset, modes: list[str], orders: dict, data: str | None) -> dic
         size = preset.modes[mode]
         if preset.data == "synthetic":
             out[mode] = synthetic_tasks(
-                {n: SYNTHETIC_TASKS[n] for n in names}, size.per_class, size.test_per_task, preset.seed
+                {n: SYNTHETIC_TASKS[n] for n in names}, size.per_class, size.test_per_task, preset.seed, split
             )
         else:
-            out[mode] = load_mtl5(find_mtl5(data), names, size.per_class, size.test_per_task, preset.seed)
+            out[mode] = load_mtl5(
+                find_mtl5(data), names, size.per_class, size.test_per_task, preset.seed, split
+            )
     return out
 
 
@@ -142,7 +162,11 @@ def _main(argv: list[str] | None) -> int:
         preset = dataclasses.replace(preset, device=args.device)
         if args.device == "cpu":  # the library trains on the GPU when it sees one: let it see none
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    methods = _select(_list(args.methods), preset.methods, "methods")
+    from bench.variants import parse_variant
+
+    methods = _list(args.methods) or list(preset.ablation if args.ablation else preset.methods)
+    for method in methods:
+        parse_variant(method)  # an unknown row stops here, before anything is loaded
     modes = _select(_list(args.modes), list(preset.modes), "modes")
     order_names = _select(_list(args.orders), list(preset.orders), "orders")
     orders = {name: preset.orders[name] for name in order_names}
@@ -150,22 +174,13 @@ def _main(argv: list[str] | None) -> int:
         known = sorted({t for order in orders.values() for t in order})
         kept = _select(_list(args.tasks), known, "tasks")
         orders = {name: [t for t in order if t in kept] for name, order in orders.items()}
-    sliced = any(
-        [
-            args.methods,
-            args.modes,
-            args.orders,
-            args.tasks,
-            args.per_class,
-            args.test_per_task,
-            args.epochs,
-            args.max_length,
-            args.no_cost,
-            args.cost_only,
-            args.device,
-        ]
+    resized_run = any([args.tasks, args.per_class, args.test_per_task, args.epochs, args.max_length])
+    stem = preset.name + ("-dev" if args.split == "dev" else "")
+    default_name = stem + ("-ablation" if args.ablation else "")
+    name = args.name or (f"{stem}-slice" if resized_run or args.cost_only else default_name)
+    runs_dir = (
+        Path(args.runs_dir) if args.runs_dir else RESULTS / "runs" / (stem if not resized_run else name)
     )
-    name = args.name or (f"{preset.name}-slice" if sliced else preset.name)
 
     import torch
 
@@ -176,7 +191,7 @@ def _main(argv: list[str] | None) -> int:
     from bench.tasks import DataMissing, data_summary
 
     try:
-        tasks_by_mode = _load_tasks(preset, modes, orders, args.data)
+        tasks_by_mode = _load_tasks(preset, modes, orders, args.data, args.split)
     except DataMissing as exc:
         print(f"SKIPPED: {exc}", file=sys.stderr)
         return 0
@@ -195,7 +210,14 @@ def _main(argv: list[str] | None) -> int:
         "preset": preset.name,
         "name": name,
         "config": preset.as_dict(),
-        "selected": {"methods": methods, "modes": modes, "orders": order_names, "orders_run": orders},
+        "selected": {
+            "methods": methods,
+            "modes": modes,
+            "orders": order_names,
+            "orders_run": orders,
+            "split": args.split,
+            "runs_dir": _relative(runs_dir),
+        },
         "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware(),
@@ -215,8 +237,8 @@ def _main(argv: list[str] | None) -> int:
 
     def save():
         result["wall_seconds"] = round(time.perf_counter() - started_wall, 1)
-        result["summary"] = summarise(result["runs"], result["data"])
-        result["paired"] = paired_comparisons(result["runs"])
+        result["summary"] = summarise(result["runs"], result["data"], methods)
+        result["paired"] = paired_comparisons(result["runs"], methods)
         result["zero_shot"] = zero_shot_table(result["runs"])
         return write_results(out_dir, name, result)
 
@@ -245,8 +267,7 @@ def _main(argv: list[str] | None) -> int:
         if not args.cost_only:
             _run_accuracy(
                 preset,
-                methods,
-                modes,
+                plan_runs(methods, modes, list(orders), _seeds(preset, methods, args.seeds)),
                 orders,
                 tasks_by_mode,
                 base,
@@ -258,6 +279,8 @@ def _main(argv: list[str] | None) -> int:
                 inner_progress,
                 args.keep_banks,
                 deadline,
+                runs_dir=runs_dir,
+                rerun=args.rerun,
             )
     finally:
         if not args.workdir:
@@ -285,10 +308,23 @@ def _logger(progress: bool):
     return (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
 
 
+def _seeds(preset, methods: list[str], requested: list[int] | None) -> dict[str, list[int]]:
+    """Training seeds per row: --seeds for all, else the preset's seed plus its extra seeds for that row."""
+    if requested:
+        return {m: list(requested) for m in methods}
+    return {m: [preset.seed, *preset.extra_seeds.get(m, ())] for m in methods}
+
+
+def _relative(path: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(RESULTS.parent.parent))
+    except ValueError:
+        return str(path)
+
+
 def _run_accuracy(
     preset,
-    methods,
-    modes,
+    plan,
     orders,
     tasks_by_mode,
     base,
@@ -300,33 +336,49 @@ def _run_accuracy(
     inner_progress,
     keep_banks,
     deadline=None,
+    *,
+    runs_dir: Path,
+    rerun: bool = False,
 ) -> None:
     from tqdm.auto import tqdm
 
     from bench.continual import run_continual
     from bench.joint import run_joint
+    from bench.params import method_params
+    from bench.store import load_run, run_key, run_path, save_run
+    from bench.variants import parse_variant
 
-    zero_shot = {mode: {} for mode in modes}
-    bar = tqdm(
-        plan_runs(methods, modes, list(orders)),
-        desc=f"bench {preset.name}",
-        disable=not progress,
-        file=sys.stderr,
-    )
-    for mode, order, method in bar:
-        bar.set_postfix_str(f"{method} {mode} {order or 'joint'}")
+    zero_shot = {mode: {} for mode in {mode for mode, *_ in plan}}
+    bar = tqdm(plan, desc=f"bench {preset.name}", disable=not progress, file=sys.stderr)
+    for mode, order, method, seed in bar:
+        variant = parse_variant(method)
+        order_name = order or "joint"
+        order_tasks = sorted(tasks_by_mode[mode]) if order is None else orders[order]
+        params = method_params(preset, method, mode, model_cfg, seed)
+        data = {t: tasks_by_mode[mode][t].content_hash() for t in order_tasks}
+        key = run_key(params.to_dict(), order_tasks, data, base.sha256)
+        path = run_path(runs_dir, variant.file_stem, mode, order_name, seed)
+        stored = None if rerun else load_run(path, key)
+        if stored is not None:
+            stored["reused"] = True
+            result["runs"].append(stored)
+            _seed_zero_shot(zero_shot[mode], stored)
+            save()
+            continue
+        bar.set_postfix_str(f"{method} {mode} {order_name} s{seed}")
         if deadline is not None and time.perf_counter() > deadline:
             result["not_run"].append(
                 {
                     "method": method,
                     "mode": mode,
-                    "order": order or "joint",
+                    "order": order_name,
+                    "seed": seed,
                     "why": "time budget (--budget-minutes) spent",
                 }
             )
             continue
         try:
-            if method == "mtl":
+            if variant.joint:
                 run = run_joint(
                     preset,
                     mode,
@@ -335,6 +387,7 @@ def _run_accuracy(
                     model_cfg=model_cfg,
                     zero_shot=zero_shot[mode] if mode == "instruction" else None,
                     progress=inner_progress,
+                    seed=seed,
                 )
             else:
                 run = run_continual(
@@ -350,20 +403,45 @@ def _run_accuracy(
                     zero_shot_cache=zero_shot[mode],
                     keep_banks=keep_banks,
                     progress=inner_progress,
+                    seed=seed,
                 )
         except Exception as exc:  # noqa: BLE001 - record it, carry on with the other runs
             result["errors"].append(
-                {"what": f"{method} {mode} {order}", "error": repr(exc), "traceback": traceback.format_exc()}
+                {
+                    "what": f"{method} {mode} {order_name} s{seed}",
+                    "error": repr(exc),
+                    "traceback": traceback.format_exc(),
+                }
             )
             continue
-        result["runs"].append(run.as_dict())
+        finished = run.as_dict()
+        save_run(
+            path,
+            key,
+            finished,
+            {
+                "params": params.to_dict(),
+                "data": data,
+                "base": base.sha256,
+                "hardware": result["hardware"],
+                "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            },
+        )
+        result["runs"].append(finished)
         tqdm.write(
-            f"{method:14s} {mode:11s} {order or 'joint':7s} ACC {_f(run.metrics['acc'])} "
+            f"{method:14s} {mode:11s} {order_name:7s} s{seed} ACC {_f(run.metrics['acc'])} "
             f"BWT {_f(run.metrics['bwt'])} FWT {_f(run.metrics['fwt'])}  {run.seconds:.0f}s",
             file=sys.stderr,
         ) if progress else None
         save()
     bar.close()
+
+
+def _seed_zero_shot(cache: dict, run: dict) -> None:
+    """A reused instruction-mode run's b_i serve the runs still to come (the untrained model is the same)."""
+    if run.get("mode") == "instruction":
+        for task, value in (run["metrics"].get("zero_shot") or {}).items():
+            cache.setdefault(task, value)
 
 
 def _f(value) -> str:

@@ -60,9 +60,11 @@ def _instructions(root: Path) -> dict[str, str]:
 
 
 def load_mtl5(
-    root: Path, names: list[str], per_class: int, test_per_task: int, seed: int
+    root: Path, names: list[str], per_class: int, test_per_task: int, seed: int, split: str = "test"
 ) -> dict[str, TaskData]:
-    """Each named task with `per_class` training records per class and `test_per_task` test records."""
+    """Each named task with `per_class` training records per class and `test_per_task` test records; with
+    split "dev", the "test" records are drawn from the training file, among the records not sampled for
+    training (settings are chosen there, and reported on test)."""
     instructions = _instructions(root)
     tasks = {}
     for name in names:
@@ -70,11 +72,18 @@ def load_mtl5(
         if not folder.is_dir():
             raise DataMissing(f"{folder}: task {name!r} is absent from the benchmark data")
         train, test, labels = read_benchmark(folder)
+        sampled = stratified_sample(train, labels, per_class, 0, seed, "bench-train")
+        if split == "dev":
+            taken = {(r.text, r.label) for r in sampled}
+            rest = [r for r in train if (r.text, r.label) not in taken]
+            evaluated = stratified_sample(rest, labels, 0, test_per_task, seed, "bench-dev")
+        else:
+            evaluated = stratified_sample(test, labels, 0, test_per_task, seed, "bench-test")
         tasks[name] = TaskData(
             task_id=name,
             labels=labels,
-            train=stratified_sample(train, labels, per_class, 0, seed, "bench-train"),
-            test=stratified_sample(test, labels, 0, test_per_task, seed, "bench-test"),
+            train=sampled,
+            test=evaluated,
             instruction=instructions[TASK_FAMILY.get(name, "TC")],
             path=folder,
         )
@@ -82,12 +91,17 @@ def load_mtl5(
 
 
 def synthetic_tasks(
-    labels_by_task: dict[str, list[str]], per_class: int, test_per_task: int, seed: int
+    labels_by_task: dict[str, list[str]], per_class: int, test_per_task: int, seed: int, split: str = "test"
 ) -> dict[str, TaskData]:
-    return {
-        task_id: make_task(task_id, labels, n_train=per_class * len(labels), n_test=test_per_task, seed=seed)
-        for task_id, labels in labels_by_task.items()
-    }
+    """moecl.testing's synthetic tasks; split "dev" scores on other records of the same generator."""
+    shift = 7919 if split == "dev" else 0
+    out = {}
+    for task_id, labels in labels_by_task.items():
+        task = make_task(task_id, labels, n_train=per_class * len(labels), n_test=test_per_task, seed=seed)
+        if shift:
+            task.test = make_task(task_id, labels, n_train=0, n_test=test_per_task, seed=seed + shift).test
+        out[task_id] = task
+    return out
 
 
 def data_summary(tasks: dict[str, TaskData]) -> dict[str, dict]:

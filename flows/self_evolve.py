@@ -129,8 +129,16 @@ def drift(params: Params, task_data, outputs: evolve.Outputs):
 
 @task(name="train", **STAGE, retries=0)  # never retried: a failed step is looked at, not rerun
 def train(params: Params, task_data, pending: evolve.PendingVersion, base, registry: Registry, others: dict):
+    replay = evolve.replay_tasks(params, list(others), exclude=task_data.task_id)
     return evolve.train_challenger(
-        params, task_data, pending, base=base, registry=registry, eval_tasks=others, progress=True
+        params,
+        task_data,
+        pending,
+        base=base,
+        registry=registry,
+        eval_tasks=others,
+        replay=replay,
+        progress=True,
     )
 
 

@@ -126,7 +126,7 @@ def load_bank(bank_dir: str | Path, base: BaseSpec, device=None) -> LoadedBank:
     manifest = read_manifest(bank_dir)
     check_base(bank_dir, manifest, base)
     lora = LoraSettings(**manifest["lora"])
-    method = MethodConfig(**manifest["method"])
+    method = MethodConfig.from_manifest(manifest["method"])
     model, tokenizer = new_model(base, lora, method)
     memory: dict[str, list[list[int]]] = {}
     for entry in manifest["tasks"]:

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from moecl.errors import MoeclError
+from moecl.methods import METHODS
 
-METHODS = ("moecl", "moecl_nogan", "seq_lora", "per_task_lora", "o_lora")
 MODES = ("classifier", "instruction")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 
@@ -42,6 +42,19 @@ class LoraSettings:
         return self.alpha / self.r
 
 
+# The paper's value of every method knob that goes beyond it; `method.paper: true` sets all of them.
+PAPER_SETTING: dict[str, Any] = {
+    "shared_lr_scale": 1.0,
+    "gate_bias": 0.0,
+    "task_gates": False,
+    "shared_orthogonal": False,
+    "discriminator_span": "all",
+    "memory_per_task": 0,
+    "replay_per_task": 0,
+}
+DISCRIMINATOR_SPANS = ("all", "prompt")
+
+
 @dataclass
 class MethodConfig:
     name: str = "moecl"
@@ -50,22 +63,49 @@ class MethodConfig:
     mode: str = "classifier"
     o_lora_lambda_orth: float = 0.5
     o_lora_lambda_l2: float = 0.0
+    # --- beyond the paper (PAPER_SETTING holds the paper's values) ---
+    paper: bool = False  # true: every knob below takes the paper's value, whatever it is set to
+    shared_lr_scale: float = 1.0  # the shared expert's learning rate as a fraction of train.lr
+    gate_bias: float = 0.0  # initial gate logit towards the dedicated expert: beta_t starts at sigmoid(bias)
+    task_gates: bool = False  # one gate per task (stored with its expert, frozen after its task)
+    shared_orthogonal: bool = (
+        False  # the shared expert grows one LoRA chunk per task, orthogonal to the earlier
+    )
+    shared_orth_lambda: float = 0.5  # weight of that orthogonality loss
+    discriminator_span: str = "all"  # tokens the discriminator pools: all | prompt (not the answer)
+    replay_per_task: int = 0  # training records per earlier task replayed through the task loss
+
+    @property
+    def spec(self):
+        from moecl.methods import method_spec
+
+        return method_spec(self.name)
 
     @property
     def uses_shared(self) -> bool:
-        return self.name in ("moecl", "moecl_nogan", "seq_lora")
+        return self.spec.shared
 
     @property
     def uses_dedicated(self) -> bool:
-        return self.name in ("moecl", "moecl_nogan", "per_task_lora", "o_lora")
+        return self.spec.dedicated
 
     @property
     def uses_gate(self) -> bool:
-        return self.name in ("moecl", "moecl_nogan")
+        return self.spec.gated
 
     @property
     def adversarial_weight(self) -> float:
-        return self.adv_alpha if self.name == "moecl" else 0.0
+        return self.adv_alpha if self.spec.adversarial else 0.0
+
+    def paper_setting(self) -> MethodConfig:
+        """This configuration with every beyond-the-paper knob at the paper's value."""
+        return dataclasses.replace(self, paper=True, **PAPER_SETTING)
+
+    @classmethod
+    def from_manifest(cls, recorded: dict) -> MethodConfig:
+        """A bank's recorded method; knobs a bank predates take the paper's value (the only one it knew)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**PAPER_SETTING, **{k: v for k, v in recorded.items() if k in known}})
 
 
 @dataclass
@@ -161,6 +201,21 @@ class Params:
         if self.method.name not in METHODS:
             raise ParamsError(
                 f"{source}: method.name={self.method.name!r} is not one of {', '.join(METHODS)}"
+            )
+        if self.method.paper:
+            self.method = self.method.paper_setting()
+        if self.method.discriminator_span not in DISCRIMINATOR_SPANS:
+            raise ParamsError(
+                f"{source}: method.discriminator_span={self.method.discriminator_span!r} is not one of "
+                f"{', '.join(DISCRIMINATOR_SPANS)}"
+            )
+        if (
+            self.method.shared_lr_scale < 0
+            or self.method.replay_per_task < 0
+            or self.method.memory_per_task < 0
+        ):
+            raise ParamsError(
+                f"{source}: method.shared_lr_scale, replay_per_task and memory_per_task must not be negative"
             )
         if self.method.mode not in MODES:
             raise ParamsError(f"{source}: method.mode={self.method.mode!r} is not one of {', '.join(MODES)}")

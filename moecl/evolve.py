@@ -159,6 +159,23 @@ def load_other_tasks(params: Params, task_ids: list[str], exclude: str) -> dict[
     return tasks
 
 
+def replay_tasks(params: Params, task_ids: list[str], exclude: str) -> dict[str, TaskData] | None:
+    """The earlier tasks' data a step replays (method.replay_per_task training records of each): each task's
+    last promoted version, its snapshot; its current folder where it has none yet. None when replay is off."""
+    if params.method.replay_per_task <= 0:
+        return None
+    tasks = {}
+    for task_id in task_ids:
+        if task_id == exclude:
+            continue
+        folder = snapshot_dir(params, task_id)
+        if not (folder / "task.yaml").is_file():
+            log.warning("%s: no promoted snapshot; replaying from its current folder", task_id)
+            folder = Path(params.data.root) / task_id
+        tasks[task_id] = load_task(folder, params.data)
+    return tasks
+
+
 def snapshot_dir(params: Params, task_id: str) -> Path:
     """The last PROMOTED version of each task's data: the reference for data drift of its next version."""
     return Path(params.registry.root) / "snapshots" / task_id
@@ -194,6 +211,7 @@ def train_challenger(
     base: BaseSpec,
     registry: Registry,
     eval_tasks: dict[str, TaskData],
+    replay: dict[str, TaskData] | None = None,
     progress: bool = True,
 ) -> Path:
     """The CL step from the champion's bank. A bank left complete by an interrupted run is reused (banks
@@ -217,6 +235,7 @@ def train_challenger(
         task=task,
         base=base,
         eval_tasks=eval_tasks,
+        replay_tasks=replay,
         progress=progress,
         lineage={"data_version": pending.data_hash},
     )
@@ -436,10 +455,19 @@ def process_version(
     if done is not None:
         return skipped_outcome(pending, done, before)
     task = validate_version(params, pending)
-    others = load_other_tasks(params, known_task_ids(registry, champion), exclude=task.task_id)
+    known = known_task_ids(registry, champion)
+    others = load_other_tasks(params, known, exclude=task.task_id)
     drift = drift_for_version(params, task, outputs)
+    replay = replay_tasks(params, known, exclude=task.task_id)
     bank = train_challenger(
-        params, task, pending, base=base, registry=registry, eval_tasks=others, progress=progress
+        params,
+        task,
+        pending,
+        base=base,
+        registry=registry,
+        eval_tasks=others,
+        replay=replay,
+        progress=progress,
     )
     metrics = evaluate_challenger(params, bank, base, {**others, task.task_id: task}, outputs, progress)
     behaviour = None

@@ -100,7 +100,7 @@ def _champion_state() -> dict:
 
 def train(params: Params) -> None:
     from moecl.bank import read_manifest
-    from moecl.evolve import load_other_tasks, validate_version
+    from moecl.evolve import finish_snapshot, load_other_tasks, replay_tasks, validate_version
     from moecl.model.base import base_from_params
     from moecl.train.launch import launch_step
 
@@ -109,6 +109,8 @@ def train(params: Params) -> None:
     parent = _champion_state().get("bank_dir")
     known = [t["task_id"] for t in read_manifest(parent)["tasks"]] if parent else []
     others = load_other_tasks(params, known, exclude=task.task_id)
+    finish_snapshot(params)
+    replay = replay_tasks(params, known, exclude=task.task_id)
     if CHALLENGER.exists():
         shutil.rmtree(CHALLENGER)
     launch_step(
@@ -119,6 +121,7 @@ def train(params: Params) -> None:
         task=task,
         base=base_from_params(params.model),
         eval_tasks=others,
+        replay_tasks=replay,
         lineage={"data_version": pending.data_hash},
     )
 

@@ -68,7 +68,15 @@ def cmd_step(args) -> int:
     out = Path(args.out) if args.out else _next_bank_dir(params, args.task)
     base = base_from_params(params.model)
     result = launch_step(
-        params, args.task, args.bank, out, task=task, base=base, progress=not args.quiet, eval_tasks=tasks
+        params,
+        args.task,
+        args.bank,
+        out,
+        task=task,
+        base=base,
+        progress=not args.quiet,
+        eval_tasks=tasks,
+        replay_tasks=tasks if params.method.replay_per_task > 0 else None,  # the known tasks' folders
     )
     summary = {
         "bank": str(result.bank_dir),

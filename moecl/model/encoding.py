@@ -95,6 +95,13 @@ class Batch:
             self.for_task_loss.to(device),
         )
 
+    def discriminator_mask(self, span: str = "all") -> torch.Tensor:
+        """The tokens the task discriminator pools: every real token ("all", the paper), or the prompt's alone
+        ("prompt"): answers are left out, so that rows with and without one are pooled over the same span."""
+        if span == "all":
+            return self.attention_mask
+        return self.attention_mask * (self.lm_labels == IGNORE_INDEX)
+
     def answer_window(self) -> int:
         """How many final positions' LM logits the answer tokens need (1, predicting nothing, when none has one).
 

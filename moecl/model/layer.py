@@ -71,7 +71,8 @@ class MoEFeedForward(nn.Module):
         self.hidden = hidden
         self.intermediate = intermediate
         self.experts = nn.ModuleDict()
-        self.gate: nn.Linear | None = None
+        self.gate: nn.Linear | None = None  # one gate for every task (the paper)
+        self.task_gates = nn.ModuleDict()  # or one gate per task, keyed like its expert (method.task_gates)
         self.discriminator: nn.Linear | None = None
         # Dropout on the experts' inputs: one mask per input, shared by every expert that reads it (each
         # expert still sees dropped inputs; drawing the masks is most of dropout's cost). The newest expert's rate.
@@ -88,9 +89,28 @@ class MoEFeedForward(nn.Module):
         self.down_targeted = self.down_targeted or "down_proj" in expert
         return expert
 
-    def add_gate(self) -> None:
-        self.gate = nn.Linear(self.hidden, 2, bias=False, device=self.base.down_proj.weight.device)
+    def add_gate(self, bias: float = 0.0) -> None:
+        """The paper's gate, Linear(d -> 2, no bias), N(0, 0.02); with `bias`, a bias initialised to (0, bias), so
+        that beta_t starts near sigmoid(bias) on every token."""
+        self.gate = nn.Linear(self.hidden, 2, bias=bool(bias), device=self.base.down_proj.weight.device)
         nn.init.normal_(self.gate.weight, std=0.02)
+        if bias:
+            with torch.no_grad():
+                self.gate.bias.copy_(torch.tensor([0.0, bias]))
+
+    def add_task_gate(self, name: str, bias: float, seed: int) -> nn.Linear:
+        """A gate of its own for the task whose expert is `name` (same init as `add_gate`, from its own seeded
+        generator so that adding it leaves every other random draw as it was)."""
+        gate = torch.nn.utils.skip_init(
+            nn.Linear, self.hidden, 2, bias=bool(bias), device=self.base.down_proj.weight.device
+        )
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            gate.weight.copy_(torch.randn(gate.weight.shape, generator=generator) * 0.02)
+            if bias:
+                gate.bias.copy_(torch.tensor([0.0, bias]))
+        self.task_gates[name] = gate
+        return gate
 
     def grow_discriminator(self, num_tasks: int, seed: int) -> None:
         """Linear(d -> T) with one row per known task; earlier rows are kept when a task is added.
@@ -171,7 +191,7 @@ class MoEFeedForward(nn.Module):
         lora_hiddens = [self._lora_input(h, down_mask) for h in hiddens]
 
         if routing.gated:
-            beta = torch.softmax(self.gate(u.to(self.gate.weight.dtype)), dim=-1).to(u.dtype)
+            beta = torch.softmax(self._gate_logits(u, routing.branches[1]), dim=-1).to(u.dtype)
             beta_s, beta_t = beta[..., 0:1], beta[..., 1:2]
             h_s, h_t = hiddens
             out = base.down_proj(torch.addcmul(beta_s * h_s, beta_t, h_t))  # fused: fewer full-width passes
@@ -188,6 +208,21 @@ class MoEFeedForward(nn.Module):
 
         if routing.collect_discriminator and self.discriminator is not None:
             routing.discriminator_logits.append(self._discriminate(hiddens[0], lora_hiddens[0], routing))
+        return out
+
+    def _gate_logits(self, u: torch.Tensor, dedicated: RowGroups) -> torch.Tensor:
+        """[.., 2] gate logits: the one gate, or each row group's own task gate (the dedicated branch's groups
+        are one expert each, and a task gate is keyed like its expert)."""
+        if self.gate is not None:
+            return self.gate(u.to(self.gate.weight.dtype))
+        out = None
+        for (name,), rows in dedicated:
+            gate = self.task_gates[name]
+            if rows is None:
+                return gate(u.to(gate.weight.dtype))
+            logits = gate(u.index_select(0, rows).to(gate.weight.dtype))
+            out = logits.new_zeros(u.shape[:-1] + (2,)) if out is None else out
+            out = out.index_copy(0, rows, logits)
         return out
 
     def _discriminate(

@@ -27,8 +27,17 @@ SHARED = "shared"
 _DISCRIMINATOR_SEED = 7_000_000
 
 
+# Base of the task gates' own init seeds (+ 1000 x tasks known + layer index)
+_TASK_GATE_SEED = 8_000_000
+
+
 def expert_name(task_id: str) -> str:
     return f"t_{task_id}"
+
+
+def shared_chunk_name(task_id: str) -> str:
+    """The shared expert's chunk learned on `task_id` (method.shared_orthogonal)."""
+    return f"s_{task_id}"
 
 
 @dataclass
@@ -88,12 +97,12 @@ class MoECLModel(nn.Module):
         self.hidden_size = self.layers[0].hidden
         self.heads = nn.ModuleDict()
         self.tasks: list[TaskInfo] = []
-        if method.uses_shared:
+        if method.uses_shared and not method.shared_orthogonal:
             for layer in self.layers:
                 layer.add_expert(SHARED, lora.targets, lora.r, lora.scale, lora.dropout)
-        if method.uses_gate:
+        if method.uses_gate and not method.task_gates:
             for layer in self.layers:
-                layer.add_gate()
+                layer.add_gate(method.gate_bias)
 
     # --- tasks ------------------------------------------------------------------------------------------
     @property
@@ -102,7 +111,16 @@ class MoECLModel(nn.Module):
 
     @property
     def has_discriminator(self) -> bool:
-        return self.method.name == "moecl"
+        return self.method.spec.adversarial
+
+    @property
+    def shared_names(self) -> tuple[str, ...]:
+        """The experts whose sum is the shared expert: SHARED, or one orthogonal chunk per task."""
+        if not self.method.uses_shared:
+            return ()
+        if self.method.shared_orthogonal:
+            return tuple(shared_chunk_name(t) for t in self.task_ids)
+        return (SHARED,)
 
     @property
     def mode(self) -> str:
@@ -123,14 +141,21 @@ class MoECLModel(nn.Module):
         if info.task_id in self.task_ids:
             raise MoeclError(f"task {info.task_id!r} is already in the bank")
         self.tasks.append(info)
+        lora = self.lora
         if self.method.uses_dedicated:
             for layer in self.layers:
+                layer.add_expert(expert_name(info.task_id), lora.targets, lora.r, lora.scale, lora.dropout)
+        if self.method.uses_shared and self.method.shared_orthogonal:
+            for layer in self.layers:
                 layer.add_expert(
+                    shared_chunk_name(info.task_id), lora.targets, lora.r, lora.scale, lora.dropout
+                )
+        if self.method.uses_gate and self.method.task_gates:
+            for i, layer in enumerate(self.layers):
+                layer.add_task_gate(
                     expert_name(info.task_id),
-                    self.lora.targets,
-                    self.lora.r,
-                    self.lora.scale,
-                    self.lora.dropout,
+                    self.method.gate_bias,
+                    seed=_TASK_GATE_SEED + 1000 * len(self.tasks) + i,
                 )
         if self.mode == "classifier":
             device = self.layers[0].base.down_proj.weight.device
@@ -143,31 +168,50 @@ class MoECLModel(nn.Module):
 
     # --- parameters -------------------------------------------------------------------------------------
     def shared_parameters(self) -> dict[str, nn.Parameter]:
-        """The shared expert, the gates and the discriminators: everything every task depends on."""
+        """The shared expert, the gate and the discriminators: what every step trains and every task reads."""
         out = {}
         for i, layer in enumerate(self.layers):
             if SHARED in layer.experts:
                 for name, p in layer.experts[SHARED].named_parameters():
                     out[f"layers.{i}.shared.{name}"] = p
             if layer.gate is not None:
-                out[f"layers.{i}.gate.weight"] = layer.gate.weight
+                for name, p in layer.gate.named_parameters():
+                    out[f"layers.{i}.gate.{name}"] = p
             if layer.discriminator is not None:
                 out[f"layers.{i}.discriminator.weight"] = layer.discriminator.weight
         return out
 
     def task_parameters(self, task_id: str) -> dict[str, nn.Parameter]:
-        """The task's dedicated expert and its head: isolated, never touched by another task's step."""
+        """What only `task_id`'s steps train: its dedicated expert, its gate and its chunk of the shared expert
+        (where the method has them) and its head. Frozen once another task is learned."""
         self.task(task_id)
         out = {}
-        name = expert_name(task_id)
+        name, chunk = expert_name(task_id), shared_chunk_name(task_id)
         for i, layer in enumerate(self.layers):
             if name in layer.experts:
                 for pname, p in layer.experts[name].named_parameters():
                     out[f"layers.{i}.expert.{pname}"] = p
+            if name in layer.task_gates:
+                for pname, p in layer.task_gates[name].named_parameters():
+                    out[f"layers.{i}.gate.{pname}"] = p
+            if chunk in layer.experts:
+                for pname, p in layer.experts[chunk].named_parameters():
+                    out[f"layers.{i}.shared_chunk.{pname}"] = p
         if task_id in self.heads:
             for pname, p in self.heads[task_id].named_parameters():
                 out[f"head.{pname}"] = p
         return out
+
+    def shared_expert_parameters(self, task_id: str) -> list[nn.Parameter]:
+        """The part of the shared expert that a step on `task_id` trains (method.shared_lr_scale applies to it)."""
+        names = [SHARED] if SHARED in self.shared_names else [shared_chunk_name(task_id)]
+        return [
+            p
+            for layer in self.layers
+            for n in names
+            if n in layer.experts
+            for p in layer.experts[n].parameters()
+        ]
 
     def trainable_parameters(self, task_id: str) -> list[nn.Parameter]:
         """Exactly what a step on `task_id` may change; every other parameter gets requires_grad=False."""
@@ -182,19 +226,17 @@ class MoECLModel(nn.Module):
     def _branches(self, sample_tasks: list[str], device: torch.device):
         for t in set(sample_tasks):
             self.task(t)
-        name = self.method.name
-        if name in ("moecl", "moecl_nogan"):
-            shared = group_rows([(SHARED,)] * len(sample_tasks), device)
-            dedicated = group_rows([(expert_name(t),) for t in sample_tasks], device)
-            return [shared, dedicated], True
-        if name == "seq_lora":
-            return [group_rows([(SHARED,)] * len(sample_tasks), device)], False
-        if name == "per_task_lora":
-            return [group_rows([(expert_name(t),) for t in sample_tasks], device)], False
-        if name == "o_lora":
-            everything = tuple(expert_name(t) for t in self.task_ids)
-            return [group_rows([everything] * len(sample_tasks), device)], False
-        raise MoeclError(f"unknown method {name!r}")
+        routing = self.method.spec.routing
+        shared = group_rows([self.shared_names] * len(sample_tasks), device)
+        own = group_rows([(expert_name(t),) for t in sample_tasks], device)
+        if routing == "gated":
+            return [shared, own], True
+        if routing == "shared":
+            return [shared], False
+        if routing == "own":
+            return [own], False
+        everything = tuple(expert_name(t) for t in self.task_ids)  # "sum"
+        return [group_rows([everything] * len(sample_tasks), device)], False
 
     @contextmanager
     def routed(
@@ -241,11 +283,28 @@ class MoECLModel(nn.Module):
         )
         return out.last_hidden_state
 
-    def classify(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_id: str) -> torch.Tensor:
-        """Head logits on the last token (the last non-pad token, since inputs are left-padded)."""
-        hidden = self.decoder_hidden(input_ids, attention_mask)
-        head = self.heads[task_id]
-        return head(hidden[:, -1, :].to(head.weight.dtype))
+    def classify(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_id: str | list[str]
+    ) -> torch.Tensor:
+        """Head logits on the last token (the last non-pad token, since inputs are left-padded).
+
+        `task_id`: one task for every row, or each row's task (rows of several tasks, e.g. replayed ones). Heads
+        differ in width: mixed rows get [B, widest] logits, padded with -1e9 past their own head's labels."""
+        last = self.decoder_hidden(input_ids, attention_mask)[:, -1, :]
+        tasks = [task_id] * last.shape[0] if isinstance(task_id, str) else list(task_id)
+        if len(set(tasks)) == 1:
+            head = self.heads[tasks[0]]
+            return head(last.to(head.weight.dtype))
+        width = max(self.heads[t].out_features for t in tasks)
+        logits = None
+        for t in sorted(set(tasks)):
+            rows = torch.tensor([i for i, r in enumerate(tasks) if r == t], device=last.device)
+            head = self.heads[t]
+            part = head(last.index_select(0, rows).to(head.weight.dtype))
+            part = torch.nn.functional.pad(part, (0, width - part.shape[1]), value=-1e9)
+            logits = part.new_zeros(len(tasks), width) if logits is None else logits
+            logits = logits.index_copy(0, rows, part)
+        return logits
 
     def lm_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep_last: int = 0
@@ -271,7 +330,7 @@ class MoECLModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        task_id: str | None = None,
+        task_id: str | list[str] | None = None,
         output: str = "classify",
         keep_last: int = 0,
     ) -> MoECLOutput:

@@ -88,6 +88,7 @@ def _result_from_json(data: dict, seconds: float) -> StepResult:
         best_step=o["best_step"],
         train_examples=o["train_examples"],
         dev_examples=o["dev_examples"],
+        replay_examples=o.get("replay_examples", 0),
     )
     return StepResult(
         Path(data["bank_dir"]),
@@ -119,6 +120,7 @@ def result_to_json(result: StepResult) -> dict:
             "best_step": o.best_step,
             "train_examples": o.train_examples,
             "dev_examples": o.dev_examples,
+            "replay_examples": o.replay_examples,
         },
     }
 
@@ -132,6 +134,7 @@ def launch_step(
     task: TaskData | None = None,
     base: BaseSpec | None = None,
     eval_tasks: dict[str, TaskData] | None = None,
+    replay_tasks: dict[str, TaskData] | None = None,
     lineage: dict | None = None,
     progress: bool = True,
     zero_shot: float | None = None,
@@ -139,7 +142,8 @@ def launch_step(
     """Train `task_id` from `parent_bank` into `out_bank` on params train.processes processes.
 
     `task`, `base`: already loaded by the caller (else read from params data.root / resolved from params model).
-    `eval_tasks`: as in `run_step` (None: no evaluation after training). With several processes every task
+    `eval_tasks`, `replay_tasks`: as in `run_step` (None: no evaluation after training; no replay). With
+    several processes every task
     must come from a folder, and the base model from params model (each process loads its own copy).
     """
     from moecl.model.base import base_from_params
@@ -155,6 +159,7 @@ def launch_step(
             lineage=lineage,
             progress=progress,
             eval_tasks=eval_tasks,
+            replay_tasks=replay_tasks,
             zero_shot=zero_shot,
         )
 
@@ -197,6 +202,8 @@ def launch_step(
             args += ["--eval", "listed"]
             for t in eval_tasks.values():
                 args += ["--eval-task-dir", str(_task_folder(t, t.task_id, params))]
+        for t in (replay_tasks or {}).values():
+            args += ["--replay-task-dir", str(_task_folder(t, t.task_id, params))]
         if lineage:
             args += ["--lineage", json.dumps(lineage)]
         if zero_shot is not None:

@@ -43,6 +43,7 @@ class TrainOutcome:
     best_step: int = 0
     train_examples: int = 0
     dev_examples: int = 0
+    replay_examples: int = 0
 
     @property
     def final_losses(self) -> StepLosses | None:
@@ -79,17 +80,18 @@ def _task_targets(batch, mode: str) -> int:
     return int((batch.lm_labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def task_loss(net, mode: str, batch, task_id: str | None, denominator: float | None = None):
+def task_loss(net, mode: str, batch, task_id: str | None = None, denominator: float | None = None):
     """The task loss and the forward pass's output. `net` is the model, or its DDP wrapper.
 
-    Classifier: the head's cross-entropy. Instruction: the LM loss on the answer tokens, with the LM head run
+    Classifier: the cross-entropy of each row's own task head (`task_id` for every row, or None: each row's
+    task in `batch.tasks`, as in a batch with replayed rows of earlier tasks). Instruction: the LM loss on the answer tokens, with the LM head run
     only on the positions that predict them (`Batch.answer_window`). Discriminator-memory rows carry ignore
     labels in both. The mean over the batch's targets; with `denominator`, the sum divided by it (a share
     of a global batch).
     """
     reduction = "mean" if denominator is None else "sum"
     if mode == "classifier":
-        out = net(batch.input_ids, batch.attention_mask, task_id=task_id, output="classify")
+        out = net(batch.input_ids, batch.attention_mask, task_id=task_id or batch.tasks, output="classify")
         loss = F.cross_entropy(out.logits.float(), batch.class_labels, ignore_index=-1, reduction=reduction)
     else:
         window = batch.answer_window()
@@ -102,6 +104,41 @@ def task_loss(net, mode: str, batch, task_id: str | None, denominator: float | N
             reduction=reduction,
         )
     return (loss if denominator is None else loss / denominator), out
+
+
+def replay_items(
+    model: MoECLModel,
+    tokenizer,
+    replay: dict[str, TaskData],
+    current_task: str,
+    per_task: int,
+    params: Params,
+) -> list[Encoded]:
+    """`per_task` TRAINING records of each earlier task the model knows (a seeded stratified sample of
+    `replay[task].train`; never its test or dev split), encoded for that task, to train on beside the current
+    task's records. Each row is routed through its own task's experts and scored with its own labels."""
+    items = []
+    for task_id in model.task_ids:
+        if task_id == current_task or task_id not in replay or per_task <= 0:
+            continue
+        info = model.task(task_id)
+        encoder = Encoder(
+            tokenizer, task_id, info.labels, info.instruction, model.mode, params.train.max_length
+        )
+        for record in stratified_sample(replay[task_id].train, per_task, params.train.seed):
+            items.append(encoder.encode(record.text, record.label))
+    return items
+
+
+def optimizer_groups(model: MoECLModel, task_id: str, trainable: list, method, lr: float) -> list[dict]:
+    """One AdamW group, or two where the shared expert learns at `method.shared_lr_scale` x the rate."""
+    if method.shared_lr_scale == 1.0 or not method.uses_shared:
+        return [{"params": trainable}]
+    shared = {id(p) for p in model.shared_expert_parameters(task_id)}
+    return [
+        {"params": [p for p in trainable if id(p) not in shared]},
+        {"params": [p for p in trainable if id(p) in shared], "lr": lr * method.shared_lr_scale},
+    ]
 
 
 def dev_accuracy(
@@ -133,10 +170,14 @@ def train_on_task(
     params: Params,
     *,
     memory: dict[str, list[list[int]]] | None = None,
+    replay: dict[str, TaskData] | None = None,
     progress: bool = True,
     accelerator=None,
 ) -> TrainOutcome:
     """Train the task's trainable set (shared expert, its dedicated expert and head, gates, discriminators).
+
+    `replay`: earlier tasks' data; with method.replay_per_task > 0 that many of each one's training records
+    join the training set (`replay_items`), through the task loss. Dev selection stays on the current task.
 
     `accelerator`: an accelerate.Accelerator to train with (data parallel over its processes, mixed precision);
     under a distributed launch one is made when none is given; otherwise the plain single-process loop.
@@ -152,13 +193,16 @@ def train_on_task(
         train_records, dev_records = split_dev(records, cfg.dev_fraction, cfg.seed)
     encoder = Encoder(tokenizer, task.task_id, task.labels, task.instruction, model.mode, cfg.max_length)
     items = [encoder.encode(r.text, r.label) for r in train_records]
+    replayed = replay_items(model, tokenizer, replay or {}, task.task_id, method.replay_per_task, params)
+    items += replayed
     pad = pad_id(tokenizer)
     terms = build_terms(model, task.task_id, method)
     alpha = method.adversarial_weight if model.has_discriminator else 0.0
     sampler = MemorySampler(memory or {}, task.task_id, cfg.batch_size, cfg.seed) if alpha > 0 else None
 
     trainable = model.trainable_parameters(task.task_id)
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = optimizer_groups(model, task.task_id, trainable, method, cfg.lr)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     net = model  # what the training forward passes go through: the model, or its DDP wrapper
     if accelerator is not None:
         net, optimizer = accelerator.prepare(model, optimizer)  # moves the model to the process's device
@@ -169,7 +213,11 @@ def train_on_task(
     steps_per_epoch = max(1, math.ceil(len(items) / cfg.batch_size))
     eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
     total_steps = steps_per_epoch * cfg.epochs
-    outcome = TrainOutcome(train_examples=len(items), dev_examples=len(dev_records))
+    outcome = TrainOutcome(
+        train_examples=len(items) - len(replayed),
+        dev_examples=len(dev_records),
+        replay_examples=len(replayed),
+    )
     best_state: list[torch.Tensor] | None = None
 
     from tqdm.auto import tqdm
@@ -191,11 +239,11 @@ def train_on_task(
             net.train()
             with model.routed(
                 batch.tasks,
-                attention_mask=batch.attention_mask,
+                attention_mask=batch.discriminator_mask(method.discriminator_span),
                 collect_discriminator=alpha > 0,
                 reverse_scale=alpha,
             ) as routing:
-                main_loss, _ = task_loss(net, model.mode, batch, task.task_id, denominator)
+                main_loss, _ = task_loss(net, model.mode, batch, None, denominator)
                 named = {}
                 for term in terms:
                     named.update(term(model, batch, routing))

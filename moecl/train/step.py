@@ -10,6 +10,7 @@ the main process evaluates and writes the bank, and the others wait for it.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -53,6 +54,22 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+# Method settings that shape a bank's modules: a step must use its parent's.
+STRUCTURAL_KEYS = ("name", "mode", "task_gates", "shared_orthogonal")
+
+
+def structure_mismatches(built, wanted) -> list[tuple[str, object, object]]:
+    """(key, the bank's value, the params' value) for each structural method setting that differs."""
+    out = [
+        (k, getattr(built, k), getattr(wanted, k))
+        for k in STRUCTURAL_KEYS
+        if getattr(built, k) != getattr(wanted, k)
+    ]
+    if bool(built.gate_bias) != bool(wanted.gate_bias) and built.uses_gate and not built.task_gates:
+        out.append(("gate_bias", built.gate_bias, wanted.gate_bias))  # a gate with a bias, or one without
+    return out
+
+
 def parent_history(parent_bank: Path | None) -> dict:
     """The accuracy history up to the parent: its evaluation if it was evaluated, else its own history."""
     if parent_bank is None:
@@ -82,6 +99,7 @@ def run_step(
     lineage: dict | None = None,
     progress: bool = True,
     eval_tasks: dict[str, TaskData] | None = None,
+    replay_tasks: dict[str, TaskData] | None = None,
     zero_shot: float | None = None,
     accelerator=None,
 ) -> StepResult:
@@ -89,6 +107,8 @@ def run_step(
 
     With `eval_tasks` (test data of the bank's other tasks) the step also evaluates every task after training
     and stores that row of the accuracy matrix in the bank, so each bank carries its full history.
+    `replay_tasks`: the earlier tasks' data to replay (method.replay_per_task training records of each; their
+    test splits are never read).
     `zero_shot`: b_i already measured by the caller on the same test records (in instruction mode the
     untrained model is the same for every method, so a benchmark scores it once); None scores it here.
     `accelerator`: train with this accelerate.Accelerator (made here under a distributed launch); only its main
@@ -110,14 +130,12 @@ def run_step(
     if parent_bank is not None:
         loaded = load_bank(parent_bank, base)
         model, tokenizer, memory = loaded.model, loaded.tokenizer, dict(loaded.memory)
-        for key in ("name", "mode"):
-            if getattr(model.method, key) != getattr(params.method, key):
-                raise MoeclError(
-                    f"params method.{key}={getattr(params.method, key)!r} but the bank {parent_bank} "
-                    f"was built with {getattr(model.method, key)!r}; start a new bank to change it"
-                )
-        model.method.adv_alpha = params.method.adv_alpha
-        model.method.memory_per_task = params.method.memory_per_task
+        for key, built, wanted in structure_mismatches(model.method, params.method):
+            raise MoeclError(
+                f"params method.{key}={wanted!r} but the bank {parent_bank} was built with {built!r}; "
+                "start a new bank to change it"
+            )
+        model.method = dataclasses.replace(params.method)  # the training knobs of this step
         steps = list(loaded.manifest.get("steps", []))
     else:
         model, tokenizer = new_model(base, params.lora, params.method)
@@ -149,7 +167,14 @@ def run_step(
         history["zero_shot"] = {**history["zero_shot"], task.task_id: result_zero}
 
     outcome = train_on_task(
-        model, tokenizer, task, params, memory=memory, progress=progress and main, accelerator=accelerator
+        model,
+        tokenizer,
+        task,
+        params,
+        memory=memory,
+        replay=replay_tasks,
+        progress=progress and main,
+        accelerator=accelerator,
     )
     if not main:  # the main process evaluates and writes the bank
         accelerator.wait_for_everyone()
@@ -184,6 +209,7 @@ def run_step(
         "optimisation_steps": len(outcome.losses),
         "train_examples": outcome.train_examples,
         "dev_examples": outcome.dev_examples,
+        "replay_examples": outcome.replay_examples,
     }
     save_bank(
         model,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moecl.model.moecl_model import SHARED, MoECLModel, expert_name
+from moecl.model.moecl_model import SHARED, MoECLModel, expert_name, shared_chunk_name
 
 
 class AdversarialTerm:
@@ -33,25 +33,26 @@ class AdversarialTerm:
 
 class OrthogonalSubspaceTerm:
     """O-LoRA: keep the new expert's A rows orthogonal to every earlier expert's (L1 of A_new A_old^T), plus an
-    optional L2 penalty on the new expert."""
+    optional L2 penalty on the new expert. The same term keeps a new chunk of the shared expert orthogonal to
+    its earlier chunks (method.shared_orthogonal)."""
 
-    def __init__(self, task_id: str, lambda_orth: float, lambda_l2: float):
-        self.task_id = task_id
+    def __init__(self, new: str, olds: list[str], lambda_orth: float, lambda_l2: float = 0.0, name: str = ""):
+        self.new = new
+        self.olds = olds
         self.lambda_orth = lambda_orth
         self.lambda_l2 = lambda_l2
+        self.name = name or "orthogonality"
 
     def __call__(self, model: MoECLModel, batch, routing) -> dict[str, torch.Tensor]:
-        new = expert_name(self.task_id)
-        olds = [expert_name(t) for t in model.task_ids if t != self.task_id]
         orth = torch.zeros(())
         l2 = torch.zeros(())
         for layer in model.layers:
-            for proj, delta in layer.experts[new].items():
-                for old in olds:
+            for proj, delta in layer.experts[self.new].items():
+                for old in self.olds:
                     orth = orth + (delta.A @ layer.experts[old][proj].A.t()).abs().sum()
                 if self.lambda_l2:
                     l2 = l2 + delta.A.pow(2).sum() + delta.B.pow(2).sum()
-        out = {"orthogonality": self.lambda_orth * orth}
+        out = {self.name: self.lambda_orth * orth}
         if self.lambda_l2:
             out["l2"] = self.lambda_l2 * l2
         return out
@@ -59,10 +60,27 @@ class OrthogonalSubspaceTerm:
 
 def build_terms(model: MoECLModel, task_id: str, method) -> list:
     terms = []
+    earlier = [t for t in model.task_ids if t != task_id]
     if model.has_discriminator and method.adversarial_weight > 0:
         terms.append(AdversarialTerm(method.adversarial_weight))
-    if method.name == "o_lora" and len(model.task_ids) > 1:
-        terms.append(OrthogonalSubspaceTerm(task_id, method.o_lora_lambda_orth, method.o_lora_lambda_l2))
+    if method.spec.orthogonal_experts and earlier:
+        terms.append(
+            OrthogonalSubspaceTerm(
+                expert_name(task_id),
+                [expert_name(t) for t in earlier],
+                method.o_lora_lambda_orth,
+                method.o_lora_lambda_l2,
+            )
+        )
+    if method.uses_shared and method.shared_orthogonal and earlier and method.shared_orth_lambda > 0:
+        terms.append(
+            OrthogonalSubspaceTerm(
+                shared_chunk_name(task_id),
+                [shared_chunk_name(t) for t in earlier],
+                method.shared_orth_lambda,
+                name="shared_orthogonality",
+            )
+        )
     return terms
 
 

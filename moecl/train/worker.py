@@ -35,6 +35,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "`moecl step`); listed = the --eval-task-dir folders; none = no evaluation",
     )
     p.add_argument("--eval-task-dir", action="append", default=[])
+    p.add_argument(
+        "--replay-task-dir", action="append", default=[], help="an earlier task's folder to replay from"
+    )
     p.add_argument("--lineage", default=None, help="extra lineage for the bank manifest (JSON object)")
     p.add_argument("--zero-shot", type=float, default=None)
     p.add_argument("--base-sha256", default=None, help="fail unless params model resolves to this base")
@@ -85,6 +88,7 @@ def _run(args) -> int:
         known = [t["task_id"] for t in read_manifest(args.bank)["tasks"]] if args.bank else []
         root = Path(params.data.root)
         eval_tasks = {t: load_task(root / t, params.data) for t in known if t != task.task_id}
+    replay_tasks = {t.task_id: t for t in (load_task(Path(d), params.data) for d in args.replay_task_dir)}
     base = base_from_params(params.model)
     if args.base_sha256 and base.sha256 != args.base_sha256:
         raise MoeclError(
@@ -100,6 +104,7 @@ def _run(args) -> int:
         lineage=json.loads(args.lineage) if args.lineage else None,
         progress=not args.quiet,
         eval_tasks=eval_tasks,
+        replay_tasks=replay_tasks or None,
         zero_shot=args.zero_shot,
         accelerator=accelerator,
     )
