@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--cost-only", action="store_true", help="only the cost micro-benchmarks")
     ap.add_argument("--out", default=str(RESULTS), help="results folder (default bench/results)")
     ap.add_argument("--name", help="results file stem (default: the preset, or <preset>-slice)")
-    ap.add_argument("--runs-dir", help="where each run's own file goes (default bench/results/runs/<preset>)")
+    ap.add_argument("--runs-dir", help="where each run's own file goes (default <out>/runs/<preset>)")
     ap.add_argument("--data", help="the mtl5 folder (default $MOECL_MTL5, then ../shared/data/mtl5)")
     ap.add_argument("--base-dir", help="a local Hugging Face model folder instead of params.yaml `model:`")
     ap.add_argument("--params", default="params.yaml", help="where `model:` comes from (default params.yaml)")
@@ -178,9 +178,7 @@ def _main(argv: list[str] | None) -> int:
     stem = preset.name + ("-dev" if args.split == "dev" else "")
     default_name = stem + ("-ablation" if args.ablation else "")
     name = args.name or (f"{stem}-slice" if resized_run or args.cost_only else default_name)
-    runs_dir = (
-        Path(args.runs_dir) if args.runs_dir else RESULTS / "runs" / (stem if not resized_run else name)
-    )
+    runs_dir = Path(args.runs_dir or Path(args.out) / "runs" / (name if resized_run else stem))
 
     import torch
 
@@ -356,7 +354,7 @@ def _run_accuracy(
         order_tasks = sorted(tasks_by_mode[mode]) if order is None else orders[order]
         params = method_params(preset, method, mode, model_cfg, seed)
         data = {t: tasks_by_mode[mode][t].content_hash() for t in order_tasks}
-        key = run_key(params.to_dict(), order_tasks, data, base.sha256)
+        key = run_key(params.to_dict(), order_tasks, data, base.sha256, preset.device)
         path = run_path(runs_dir, variant.file_stem, mode, order_name, seed)
         stored = None if rerun else load_run(path, key)
         if stored is not None:

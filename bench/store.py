@@ -18,7 +18,9 @@ from moecl.io import write_json_atomic
 STORE_VERSION = 2
 
 
-def run_key(params_dict: dict, order: list[str], data_hashes: dict[str, str], base_sha256: str) -> str:
+def run_key(
+    params_dict: dict, order: list[str], data_hashes: dict[str, str], base_sha256: str, device: str = "cpu"
+) -> str:
     fixed = {k: v for k, v in params_dict.items() if k not in ("registry", "flow", "bench", "drift", "gate")}
     fixed["model"] = {k: v for k, v in (fixed.get("model") or {}).items() if k != "local_dir"}
     payload = {
@@ -28,6 +30,8 @@ def run_key(params_dict: dict, order: list[str], data_hashes: dict[str, str], ba
         "data": dict(sorted(data_hashes.items())),
         "base": base_sha256,
     }
+    if device != "cpu":  # (cpu runs stored before the device was part of the key keep their key)
+        payload["device"] = device
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 

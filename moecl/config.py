@@ -16,6 +16,8 @@ from moecl.methods import METHODS
 
 MODES = ("classifier", "instruction")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
+# greedy generation + exact match; the best option by summed log-likelihood; by mean log-likelihood per token
+INSTRUCTION_EVALS = ("generate", "likelihood", "likelihood_per_token")
 
 
 class ParamsError(MoeclError, ValueError):
@@ -235,8 +237,10 @@ class Params:
             )
         if not 0.0 <= self.train.dev_fraction < 1.0:
             raise ParamsError(f"{source}: train.dev_fraction must be in [0, 1)")
-        if self.evaluate.instruction_eval not in ("generate", "likelihood"):
-            raise ParamsError(f"{source}: evaluate.instruction_eval must be 'generate' or 'likelihood'")
+        if self.evaluate.instruction_eval not in INSTRUCTION_EVALS:
+            raise ParamsError(
+                f"{source}: evaluate.instruction_eval must be one of {', '.join(INSTRUCTION_EVALS)}"
+            )
         return self
 
 

@@ -211,24 +211,34 @@ def forgetting_per_task(matrix: Sequence[Mapping[str, float]], steps: Sequence[s
     return {t: last[t] - matrix[i][t] for t, i in learned.items() if t in last and t in matrix[i]}
 
 
-def stripping_rate(
-    scores: Sequence[float], is_positive: Sequence[bool], precision_target: float = 0.9
-) -> float:
-    """The paper's industrial metric for a binary compliance task.
-
-    Items are decided automatically from the most confident down (score = the model's probability of the
-    positive label); the stripping rate is the largest share of items that can be decided this way while the
-    precision of those automatic decisions stays >= precision_target.
-    """
-    if len(scores) != len(is_positive):
+def label_stripping_rate(scores: Sequence[float], is_label: Sequence[bool], precision_target: float) -> float:
+    """For one label: the largest share of items whose score (the model's probability of that label) is
+    >= a threshold t, over every t, while the precision of those automatic decisions stays >= the target.
+    A threshold cut takes every item scored at or above it, so items with equal scores stand or fall together."""
+    if len(scores) != len(is_label):
         raise ValueError("scores and labels differ in length")
     n = len(scores)
     if n == 0:
         return float("nan")
-    ranked = sorted(zip(scores, is_positive), key=lambda pair: -pair[0])
+    ranked = sorted(zip(scores, is_label), key=lambda pair: -pair[0])
     best, hits = 0, 0
-    for k, (_, positive) in enumerate(ranked, start=1):
-        hits += bool(positive)
-        if hits / k >= precision_target:
+    for k, (score, hit) in enumerate(ranked, start=1):
+        hits += bool(hit)
+        at_cut = k == n or ranked[k][0] < score  # the last item scored >= this threshold
+        if at_cut and hits / k >= precision_target:
             best = k
     return best / n
+
+
+def stripping_rate(
+    scores: Sequence[float], is_positive: Sequence[bool], precision_target: float = 0.9
+) -> float:
+    """The paper's industrial metric for a binary compliance task, computed as its reference code does.
+
+    For each label, the share of items decided automatically as that label by a >= threshold on the model's
+    probability of it, at precision >= precision_target (`label_stripping_rate`); the stripping rate is the
+    sum over both labels (`scores`: the probability of the positive label; the negative's is 1 - it).
+    """
+    positive = label_stripping_rate(scores, is_positive, precision_target)
+    negative = label_stripping_rate([1.0 - s for s in scores], [not p for p in is_positive], precision_target)
+    return positive + negative

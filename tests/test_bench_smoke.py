@@ -9,7 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.presets import METHODS, SYNTHETIC_ORDERS
+from bench.presets import PRESETS, SYNTHETIC_ORDERS
+from bench.variants import parse_variant
+
+METHODS = PRESETS["smoke"].methods
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +85,12 @@ def test_runs_keep_per_record_correctness_and_pair_with_moecl(smoke) -> None:
         # the per-record marks are the accuracies of the final row
         for task, marks in run["correct"].items():
             assert run["metrics"]["per_task"][task] == pytest.approx(marks.count("1") / len(marks))
-    for mode, others in result["paired"].items():
+    assert set(result["paired"]) == {"moecl", "moecl+replay"}
+    for mode, others in result["paired"]["moecl"].items():
         assert set(others) == set(METHODS) - {"moecl"}
         for other, c in others.items():
             orders = ["order1", "order2"]
-            assert c["orders"] == orders
+            assert c["orders"] == [f"{o}/s42" for o in orders]
             diffs = [
                 runs[(mode, "moecl", o)]["acc"] - runs[(mode, other, "joint" if other == "mtl" else o)]["acc"]
                 for o in orders
@@ -95,13 +99,15 @@ def test_runs_keep_per_record_correctness_and_pair_with_moecl(smoke) -> None:
             assert c["se"] >= 0 and c["records"] == 2 * sum(
                 result["data"][mode][t]["test"] for t in runs[(mode, "moecl", "order1")]["correct"]
             )
-    assert "## moecl against each method, record by record" in (out / "smoke.md").read_text()
+    text = (out / "smoke.md").read_text()
+    assert "## moecl (best) against each row, record by record" in text
+    assert "## moecl (best)+replay against each row, record by record" in text
 
 
 def test_moecl_runs_report_their_gate_routing(smoke) -> None:
     result, out = smoke
     for run in result["runs"]:
-        if run["method"] in ("moecl", "moecl_nogan", "moecl_mem"):
+        if parse_variant(run["method"]).method in ("moecl", "moecl_nogan"):
             assert set(run["routing"]) == set(run["tasks"])
             for cell in run["routing"].values():
                 assert 0.0 < cell["min"] <= cell["mean"] <= cell["max"] < 1.0
@@ -120,7 +126,7 @@ def test_a_failing_routing_probe_does_not_cost_the_run(tmp_path, monkeypatch, ca
     monkeypatch.setattr(bench.continual, "final_routing", broken)
     argv = ["--preset", "smoke", "--methods", "moecl", "--modes", "classifier", "--orders", "order1"]
     assert main(argv + ["--no-cost", "--out", str(tmp_path), "--quiet"]) == 0
-    result = json.loads((tmp_path / "smoke-slice.json").read_text())
+    result = json.loads((tmp_path / "smoke.json").read_text())
     (run,) = result["runs"]
     assert not result["errors"] and run["acc"] is not None and run["routing"] == {}
     assert "routing probe failed" in capsys.readouterr().err
@@ -188,10 +194,10 @@ def test_time_budget_lists_what_did_not_run(tmp_path) -> None:
         main(["--preset", "smoke", "--budget-minutes", "0", "--no-cost", "--out", str(tmp_path), "--quiet"])
         == 0
     )
-    result = json.loads((tmp_path / "smoke-slice.json").read_text())
+    result = json.loads((tmp_path / "smoke.json").read_text())
     assert result["finished"] and not result["runs"] and result["cost"] is None
     assert len(result["not_run"]) == 2 * (len(METHODS) - 1) * len(SYNTHETIC_ORDERS) + 2
-    assert "Not run (time budget" in (tmp_path / "smoke-slice.md").read_text()
+    assert "Not run (time budget" in (tmp_path / "smoke.md").read_text()
 
 
 def test_tasks_flag_keeps_those_tasks_in_each_orders_sequence(tmp_path) -> None:
@@ -226,7 +232,71 @@ def test_device_flag_runs_everything_on_the_cpu(tmp_path, monkeypatch) -> None:
     )  # recorded, so what --device cpu sets is undone afterwards
     argv = ["--preset", "smoke", "--methods", "per_task_lora", "--modes", "classifier", "--tasks", "spam"]
     assert main([*argv, "--device", "cpu", "--no-cost", "--quiet", "--out", str(tmp_path)]) == 0
-    result = json.loads((tmp_path / "smoke-slice.json").read_text())
+    result = json.loads((tmp_path / "smoke-slice.json").read_text())  # --tasks resizes: a slice
     assert result["config"]["device"] == "cpu" and "--device cpu" in result["command"]
     assert result["runs"] and not result["errors"]
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # the library sees no GPU, so it trains where the base is
+
+
+def test_per_task_lora_never_forgets(smoke) -> None:
+    """Isolated experts: every earlier task scores after the last step exactly what it scored when learned."""
+    result, _ = smoke
+    runs = [r for r in result["runs"] if r["method"] == "per_task_lora"]
+    assert runs
+    for run in runs:
+        assert run["bwt"] == 0.0
+        matrix = run["metrics"]["matrix"]
+        assert all(matrix[-1][i] == matrix[i][i] for i in range(len(matrix) - 1))
+
+
+def test_a_rerun_reuses_stored_runs_and_recomputes_them_identically(tmp_path) -> None:
+    """Each finished run has its own file; a rerun with the same settings reads it back instead of running
+    again, a changed setting runs afresh, and --rerun recomputes the same figures (seeded)."""
+    from bench.run import main
+
+    argv = [
+        "--preset",
+        "smoke",
+        "--methods",
+        "seq_lora",
+        "moecl",
+        "--modes",
+        "instruction",
+        "--orders",
+        "order1",
+    ]
+    argv += ["--no-cost", "--quiet", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    first = json.loads((tmp_path / "smoke.json").read_text())
+    stored = sorted(p.name for p in (tmp_path / "runs" / "smoke").iterdir())
+    assert stored == ["moecl.instruction.order1.s42.json", "seq_lora.instruction.order1.s42.json"]
+    assert main(argv) == 0
+    second = json.loads((tmp_path / "smoke.json").read_text())
+    assert [r.get("reused") for r in second["runs"]] == [True, True]
+    assert [r["correct"] for r in second["runs"]] == [r["correct"] for r in first["runs"]]
+    assert main([*argv, "--rerun"]) == 0
+    third = json.loads((tmp_path / "smoke.json").read_text())
+    assert not any(r.get("reused") for r in third["runs"])
+    assert [(r["acc"], r["correct"]) for r in third["runs"]] == [
+        (r["acc"], r["correct"]) for r in first["runs"]
+    ]
+    assert main([*argv, "--seeds", "7"]) == 0  # another training seed: new runs beside the stored ones
+    fourth = json.loads((tmp_path / "smoke.json").read_text())
+    assert [r["seed"] for r in fourth["runs"]] == [7, 7] and not any(r.get("reused") for r in fourth["runs"])
+    assert len(list((tmp_path / "runs" / "smoke").iterdir())) == 4
+
+
+def test_dev_split_scores_on_training_records_the_run_does_not_train_on(tmp_path) -> None:
+    from bench.tasks import find_mtl5, load_mtl5
+
+    try:
+        root = find_mtl5()
+    except Exception:  # noqa: BLE001 - the benchmark data is third-party and may be absent
+        pytest.skip("mtl5 data absent")
+    test = load_mtl5(root, ["agnews"], 4, 20, 42)["agnews"]
+    dev = load_mtl5(root, ["agnews"], 4, 20, 42, split="dev")["agnews"]
+    assert [r.text for r in dev.train] == [r.text for r in test.train]
+    trained = {r.text for r in dev.train}
+    test_texts = {r.text for r in test.test}
+    assert len(dev.test) == 20 and not trained & {r.text for r in dev.test}
+    assert not test_texts & {r.text for r in dev.test}

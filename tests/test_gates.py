@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from moecl.config import GateConfig, load_params
+from moecl.config import GateConfig
 from moecl.drift import DataDriftResult
 from moecl.gates import (
     Check,
@@ -316,9 +316,3 @@ def test_gate_json_shape_round_trips(tmp_path: Path):
     assert data["checks"][1]["value"] is None  # NaN is not JSON
     again = GateDecision.from_dict(data)
     assert again.decision == "reject" and [c.name for c in again.checks] == ["bwt", "x"]
-
-
-def test_params_yaml_carries_the_gate_and_drift_keys():
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    assert params.gate.max_confidence_ks == 0.5
-    assert params.drift.include_text is False

@@ -75,13 +75,29 @@ def test_accuracy_and_normalisation():
     assert normalize_answer("Sci/Tech") == "sci tech"
 
 
-def test_stripping_rate():
+def test_stripping_rate_per_label_is_a_threshold_cut():
+    from moecl.metrics import label_stripping_rate
+
     scores = [0.99, 0.95, 0.9, 0.8, 0.6, 0.4]
     positive = [True, True, True, False, True, False]
     # top-3 all correct (precision 1.0); top-4 0.75; top-5 0.8: at target 0.9 the best is 3 of 6
-    assert stripping_rate(scores, positive, 0.9) == pytest.approx(0.5)
-    assert stripping_rate(scores, positive, 0.75) == pytest.approx(5 / 6)
-    assert stripping_rate([0.9], [False], 0.9) == 0.0
+    assert label_stripping_rate(scores, positive, 0.9) == pytest.approx(0.5)
+    assert label_stripping_rate(scores, positive, 0.75) == pytest.approx(5 / 6)
+    assert label_stripping_rate([0.9], [False], 0.9) == 0.0
+    # a tie at the threshold: the cut takes both tied items or neither (rank 2 alone would be 2/2 = 1.0)
+    assert label_stripping_rate([0.9, 0.8, 0.8], [True, True, False], 0.9) == pytest.approx(1 / 3)
+
+
+def test_stripping_rate_sums_both_labels():
+    scores = [0.99, 0.95, 0.9, 0.8, 0.6, 0.4, 0.1, 0.05]
+    positive = [True, True, True, False, True, False, False, False]
+    # positive: the top 3 (3/8); negative (1 - score, ascending scores): 0.05, 0.1, 0.4 are all negative, the
+    # next (0.6) is positive (3/4 = 0.75 < 0.9) and 0.8 makes 4/5 = 0.8: 3/8
+    assert stripping_rate(scores, positive, 0.9) == pytest.approx(3 / 8 + 3 / 8)
+    # one negative item: no positive cut is precise, the negative cut at P(negative) >= 0.1 is
+    assert stripping_rate([0.9], [False], 0.9) == pytest.approx(0.0 + 1.0)
+    # two tied, opposite items: neither cut can take one without the other
+    assert stripping_rate([0.5, 0.5], [True, False], 0.9) == pytest.approx(0.0)
 
 
 def test_continual_metrics_round_trip_through_their_json_shape():

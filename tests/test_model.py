@@ -369,12 +369,13 @@ def test_option_scores_are_each_options_likelihood_after_its_prompt(tiny_base, t
     model.eval()
     texts = [r.text for r in task.test[:3]]
     scores = option_scores(model, tok, info, texts, max_length=64, batch_size=4)
+    per_token = option_scores(model, tok, info, texts, max_length=64, batch_size=4, per_token=True)
 
     enc = Encoder(tok, info.task_id, info.labels, info.instruction, "instruction", 64)
     eos = tok.eos_token_id
-    for text, got in zip(texts, scores):
+    for text, got, got_per_token in zip(texts, scores, per_token):
         prompt = enc.encode(text, with_answer=False).input_ids
-        loglik = []
+        loglik, lengths = [], []
         for label in info.labels:
             answer = enc.answer_ids[label]
             answer = answer[:-1] if (len(answer) > 1 and answer[-1] == eos) else answer
@@ -382,10 +383,18 @@ def test_option_scores_are_each_options_likelihood_after_its_prompt(tiny_base, t
             with torch.no_grad(), model.routed([info.task_id]):
                 logp = torch.log_softmax(model.lm_logits(ids, torch.ones_like(ids)).float()[0], -1)
             loglik.append(sum(float(logp[len(prompt) - 1 + k, t]) for k, t in enumerate(answer)))
+            lengths.append(len(answer))
         expected = torch.softmax(torch.tensor(loglik), -1)
         torch.testing.assert_close(
             torch.tensor([got[label] for label in info.labels]), expected, rtol=1e-4, atol=1e-5
         )
+        normalised = torch.softmax(torch.tensor(loglik) / torch.tensor(lengths, dtype=torch.float), -1)
+        torch.testing.assert_close(
+            torch.tensor([got_per_token[label] for label in info.labels]), normalised, rtol=1e-4, atol=1e-5
+        )
+    assert (
+        len({len(a) for a in enc.answer_ids.values()}) > 1
+    )  # options of different lengths, or the test is moot
 
 
 def test_a_mixed_batch_gives_each_expert_the_gradient_of_its_own_rows(tiny_base, tiny_tok):

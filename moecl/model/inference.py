@@ -53,8 +53,11 @@ def predict_classifier(model, tokenizer, info: TaskInfo, texts, max_length, batc
 
 
 @torch.no_grad()
-def option_scores(model, tokenizer, info: TaskInfo, texts, max_length, batch_size, disabled=False):
-    """Per text, the softmax over options of each option's summed log-likelihood after the prompt."""
+def option_scores(
+    model, tokenizer, info: TaskInfo, texts, max_length, batch_size, disabled=False, per_token=False
+):
+    """Per text, the softmax over options of each option's summed log-likelihood after the prompt; with
+    `per_token`, of its mean log-likelihood per answer token (options of different lengths on one scale)."""
     enc = Encoder(tokenizer, info.task_id, info.labels, info.instruction, "instruction", max_length)
     eos = tokenizer.eos_token_id
     pairs = []
@@ -78,16 +81,21 @@ def option_scores(model, tokenizer, info: TaskInfo, texts, max_length, batch_siz
         targets = batch.answer_targets(window)
         valid = targets != -100
         picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) * valid
-        loglik[start : start + len(chunk)] = picked.sum(-1).cpu()
+        total = picked.sum(-1)
+        if per_token:
+            total = total / valid.sum(-1).clamp(min=1)
+        loglik[start : start + len(chunk)] = total.cpu()
     n_opt = len(info.labels)
     per_text = torch.softmax(loglik.view(len(texts), n_opt), dim=-1)
     return [dict(zip(info.labels, row)) for row in per_text.tolist()]
 
 
 @torch.no_grad()
-def predict_likelihood(model, tokenizer, info, texts, max_length, batch_size, disabled=False):
+def predict_likelihood(
+    model, tokenizer, info, texts, max_length, batch_size, disabled=False, per_token=False
+):
     out = []
-    for scores in option_scores(model, tokenizer, info, texts, max_length, batch_size, disabled):
+    for scores in option_scores(model, tokenizer, info, texts, max_length, batch_size, disabled, per_token):
         best = max(scores, key=scores.get)
         out.append(Prediction(best, scores[best], scores))
     return out
@@ -140,8 +148,11 @@ def predict(
     try:
         if model.mode == "classifier":
             return predict_classifier(model, tokenizer, info, texts, max_length, batch_size, disabled)
-        if instruction_eval == "likelihood":
-            return predict_likelihood(model, tokenizer, info, texts, max_length, batch_size, disabled)
+        if instruction_eval in ("likelihood", "likelihood_per_token"):
+            per_token = instruction_eval == "likelihood_per_token"
+            return predict_likelihood(
+                model, tokenizer, info, texts, max_length, batch_size, disabled, per_token
+            )
         preds = predict_generate(
             model, tokenizer, info, texts, max_length, batch_size, max_new_tokens, disabled
         )
