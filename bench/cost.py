@@ -6,7 +6,7 @@ task trains, on fixed random batches. Step times come from interleaved rounds (a
 each round times one step of each in turn; `warmup` untimed rounds, then the median of `repeats`), so a slow
 spell of the machine cannot land on one method only. Peak memory (its first steps) and inference latency
 (`warmup` + median of `repeats` forward passes) are measured with each method alone. moecl_mem adds the
-discriminator-memory rows a real step draws (moecl.train.loop.MemorySampler). "mtl" costs what seq_lora costs
+discriminator-memory rows a real step draws (moecl.train.terms.MemorySampler). "mtl" costs what seq_lora costs
 (one shared LoRA; only the heads differ), so it is not timed separately.
 """
 
@@ -26,8 +26,8 @@ from moecl.bank import new_model
 from moecl.model.base import BaseSpec
 from moecl.model.encoding import Encoded, collate, pad_id
 from moecl.model.moecl_model import MoECLModel, TaskInfo
-from moecl.train.loop import MemorySampler, task_loss
-from moecl.train.terms import build_terms
+from moecl.train.loop import optimizer_groups, train_step
+from moecl.train.terms import MemorySampler, build_terms
 
 N_LABELS = 4
 
@@ -144,7 +144,7 @@ def fixed_batches(
         sampler = MemorySampler(memory, task_id, batch_size, seed)
     batches = []
     for items in task_rows:
-        extra = sampler.draw() if sampler else []
+        extra = sampler.before_batch() if sampler else []
         flags = [True] * len(items) + [False] * len(extra)
         batches.append(collate(items + extra, pad, flags).to(_device(model)))
     return batches
@@ -158,39 +158,29 @@ def _median(times: list[float]) -> float:
 
 
 class TrainStepper:
-    """One method's training step on its fixed batches, timed: the loop's forward (under `routed`), its loss
-    terms, backward and AdamW over exactly what a step on the newest task trains."""
+    """One method's training step on its fixed batches, timed: the library's own `train_step` (forward under
+    `routed`, loss terms, backward, AdamW over exactly what a step on the newest task trains)."""
 
     def __init__(self, model: MoECLModel, params, task_id: str, batches):
         self.model, self.task_id, self.batches = model, task_id, batches
         self.device = _device(model)
-        self.optimizer = torch.optim.AdamW(
-            model.trainable_parameters(task_id), lr=params.train.lr, weight_decay=params.train.weight_decay
-        )
-        self.terms = build_terms(model, task_id, params.method)
-        self.alpha = params.method.adversarial_weight if model.has_discriminator else 0.0
+        method, lr = params.method, params.train.lr
+        groups = optimizer_groups(model, task_id, model.trainable_parameters(task_id), method, lr)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=params.train.weight_decay)
+        self.terms = build_terms(model, task_id, method)  # the memory rows are already in the fixed batches
+        self.alpha = method.adversarial_weight if model.has_discriminator else 0.0
+        self.span = method.discriminator_span
         self.steps = 0
 
     def step(self) -> float:
         """Seconds of one forward + backward + AdamW step on the next fixed batch."""
         model, batch = self.model, self.batches[self.steps % len(self.batches)]
         self.steps += 1
-        model.train()
         _sync(self.device)
         t0 = time.perf_counter()
-        with model.routed(
-            batch.tasks,
-            attention_mask=batch.attention_mask,
-            collect_discriminator=self.alpha > 0,
-            reverse_scale=self.alpha,
-        ) as routing:
-            loss = task_loss(model, model.mode, batch, self.task_id)[0]
-            for term in self.terms:
-                for value in term(model, batch, routing).values():
-                    loss = loss + value
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        train_step(
+            model, model, batch, self.terms, self.optimizer, alpha=self.alpha, discriminator_span=self.span
+        )
         _sync(self.device)
         return time.perf_counter() - t0
 

@@ -1,8 +1,8 @@
 """The multi-task upper bound ("mtl"): one LoRA trained on every task at once, not continual.
 
-A MoECLModel with method seq_lora (the shared LoRA alone) learns shuffled batches that mix the tasks. In
-instruction mode each record carries its own task's prompt; in classifier mode each row goes through its own
-task's head. Sampling, the dev split, the encoder, batching, dev selection and evaluation are moecl's own.
+A MoECLModel with method seq_lora (the shared LoRA alone) learns shuffled batches that mix the tasks, with the
+library's own `train_step`: in instruction mode each record carries its own task's prompt; in classifier mode
+each row goes through its own task's head. Sampling, the dev split, the encoder, batching, dev selection and evaluation are moecl's own.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
 
 from bench.continual import RunResult
 from bench.params import method_params
@@ -23,22 +22,8 @@ from moecl.model.base import BaseSpec
 from moecl.model.encoding import Encoder, collate, pad_id
 from moecl.model.moecl_model import MoECLModel, TaskInfo
 from moecl.sampling import split_dev, stratified_sample
-from moecl.train.loop import dev_accuracy, task_loss
+from moecl.train.loop import dev_accuracy, train_step
 from moecl.train.step import seed_everything
-
-
-def joint_loss(model: MoECLModel, batch) -> torch.Tensor:
-    """Mean task loss of a mixed batch: each row's own head (classifier) or the answer tokens' LM loss."""
-    if model.mode == "instruction":
-        return task_loss(model, "instruction", batch, None)[0]
-    last = model.decoder_hidden(batch.input_ids, batch.attention_mask)[:, -1, :]
-    total = last.new_zeros((), dtype=torch.float32)
-    for task_id in sorted(set(batch.tasks)):
-        rows = torch.tensor([i for i, t in enumerate(batch.tasks) if t == task_id], device=last.device)
-        head = model.heads[task_id]
-        logits = head(last.index_select(0, rows).to(head.weight.dtype)).float()
-        total = total + F.cross_entropy(logits, batch.class_labels.index_select(0, rows), reduction="sum")
-    return total / len(batch.tasks)
 
 
 def _trainable(model: MoECLModel) -> list[torch.nn.Parameter]:
@@ -81,14 +66,10 @@ def train_joint(params, tasks: list[TaskData], base: BaseSpec, *, progress: bool
         order = torch.randperm(len(items), generator=generator).tolist()
         for start in range(0, len(order), cfg.batch_size):
             batch = collate([items[i] for i in order[start : start + cfg.batch_size]], pad).to(device)
-            model.train()
-            with model.routed(batch.tasks, attention_mask=batch.attention_mask):
-                loss = joint_loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            losses.append(
+                train_step(model, model, batch, [], optimizer).task
+            )  # each row: its own task's loss
             step += 1
-            losses.append(float(loss.detach()))
             bar.update(1)
             if any(dev.values()) and (step % eval_every == 0 or step == total_steps):
                 scores = [dev_accuracy(model, tokenizer, t, recs, params) for t, recs in dev.items() if recs]

@@ -8,7 +8,6 @@ evaluation is split over the processes and summed, so every process takes the sa
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -50,29 +49,6 @@ class TrainOutcome:
         return self.losses[-1] if self.losses else None
 
 
-class MemorySampler:
-    """Draws discriminator-only examples from earlier tasks' memory (stored prompt token ids, no labels).
-
-    Each batch gets ceil(batch_size / 2) memory rows spread over the earlier tasks; they are routed through
-    their own task's experts, give the discriminator a second class to separate, and never enter the task
-    loss (their class and LM labels are ignore indices).
-    """
-
-    def __init__(self, memory: dict[str, list[list[int]]], current_task: str, batch_size: int, seed: int):
-        self.pools = {t: ids for t, ids in memory.items() if t != current_task and ids}
-        self.per_batch = math.ceil(batch_size / 2) if self.pools else 0
-        self.rng = random.Random(seed)
-
-    def draw(self) -> list[Encoded]:
-        tasks = sorted(self.pools)
-        out = []
-        for i in range(self.per_batch):
-            task = tasks[i % len(tasks)]
-            ids = self.rng.choice(self.pools[task])
-            out.append(Encoded(list(ids), len(ids), -1, task))
-        return out
-
-
 def _task_targets(batch, mode: str) -> int:
     """How many targets the task loss averages over: labelled rows (classifier) or answer tokens (instruction)."""
     if mode == "classifier":
@@ -104,6 +80,62 @@ def task_loss(net, mode: str, batch, task_id: str | None = None, denominator: fl
             reduction=reduction,
         )
     return (loss if denominator is None else loss / denominator), out
+
+
+def train_step(
+    net,
+    model: MoECLModel,
+    batch,
+    terms: list,
+    optimizer,
+    *,
+    alpha: float = 0.0,
+    discriminator_span: str = "all",
+    denominator: float | None = None,
+    share=None,
+    accelerator=None,
+) -> StepLosses:
+    """One optimisation step on `batch`: the forward pass (through `net`: the model or its DDP wrapper) under
+    the batch's routing, the task loss, the loss terms, backward, AdamW. Every trainer runs this: the
+    continual step's loop, the joint upper bound and the cost benchmark.
+
+    `alpha`: the adversarial weight (the discriminators' logits are collected and reversed when it is > 0).
+    Under several processes, `denominator` scales the task loss to the global batch and `share`
+    (moecl.train.distributed.Share) weights the row-averaged terms; the returned losses are the global batch's.
+    """
+    net.train()
+    with model.routed(
+        batch.tasks,
+        attention_mask=batch.discriminator_mask(discriminator_span),
+        collect_discriminator=alpha > 0,
+        reverse_scale=alpha,
+    ) as routing:
+        main_loss, _ = task_loss(net, model.mode, batch, None, denominator)
+        named = {}
+        for term in terms:
+            out = term(model, batch, routing)
+            if share is not None and getattr(term, "row_averaged", False):
+                out = {k: v * share.row_weight for k, v in out.items()}
+            named.update(out)
+    if share is not None and share.empty:
+        main_loss = main_loss * 0.0
+    loss = main_loss + sum(named.values()) if named else main_loss
+    optimizer.zero_grad(set_to_none=True)
+    if accelerator is not None:
+        accelerator.backward(loss)
+    else:
+        loss.backward()
+    optimizer.step()
+    l_task = float(main_loss.detach())
+    l_adv = float(named["discriminator"].detach()) if "discriminator" in named else 0.0
+    penalty = float(sum(v.detach() for k, v in named.items() if k != "discriminator")) if named else 0.0
+    if share is not None:  # the global batch's losses: the mean over processes of the scaled shares
+        device = main_loss.device
+        global_losses = torch.tensor([l_task, l_adv, penalty], device=device)
+        l_task, l_adv, penalty = accelerator.reduce(global_losses, reduction="mean").tolist()
+    return StepLosses(
+        total=l_task - alpha * l_adv + penalty, task=l_task, adversarial=-alpha * l_adv, discriminator=l_adv
+    )
 
 
 def replay_items(
@@ -196,9 +228,8 @@ def train_on_task(
     replayed = replay_items(model, tokenizer, replay or {}, task.task_id, method.replay_per_task, params)
     items += replayed
     pad = pad_id(tokenizer)
-    terms = build_terms(model, task.task_id, method)
+    terms = build_terms(model, task.task_id, method, memory=memory, batch_size=cfg.batch_size, seed=cfg.seed)
     alpha = method.adversarial_weight if model.has_discriminator else 0.0
-    sampler = MemorySampler(memory or {}, task.task_id, cfg.batch_size, cfg.seed) if alpha > 0 else None
 
     trainable = model.trainable_parameters(task.task_id)
     groups = optimizer_groups(model, task.task_id, trainable, method, cfg.lr)
@@ -228,7 +259,8 @@ def train_on_task(
         order = torch.randperm(len(items), generator=generator).tolist()
         for start in range(0, len(order), cfg.batch_size):
             batch_items = [items[i] for i in order[start : start + cfg.batch_size]]
-            extra = sampler.draw() if sampler else []  # the same draws on every process (seeded)
+            # rows some terms add to every batch (the discriminator memory): the same draws on every process
+            extra = [row for term in terms if hasattr(term, "before_batch") for row in term.before_batch()]
             batch = collate(batch_items + extra, pad, [True] * len(batch_items) + [False] * len(extra))
             denominator = None
             if world > 1:  # this process's rows; losses scaled so that DDP's average is the global batch's
@@ -236,44 +268,19 @@ def train_on_task(
                 denominator = _task_targets(batch, model.mode) / world
                 batch = batch.select(share.rows)
             batch = batch.to(device)
-            net.train()
-            with model.routed(
-                batch.tasks,
-                attention_mask=batch.discriminator_mask(method.discriminator_span),
-                collect_discriminator=alpha > 0,
-                reverse_scale=alpha,
-            ) as routing:
-                main_loss, _ = task_loss(net, model.mode, batch, None, denominator)
-                named = {}
-                for term in terms:
-                    named.update(term(model, batch, routing))
-            if world > 1:
-                if share.empty:
-                    main_loss = main_loss * 0.0
-                if "discriminator" in named:
-                    named["discriminator"] = named["discriminator"] * share.row_weight
-            loss = main_loss + sum(named.values()) if named else main_loss
-            optimizer.zero_grad(set_to_none=True)
-            if accelerator is not None:
-                accelerator.backward(loss)
-            else:
-                loss.backward()
-            optimizer.step()
+            losses = train_step(
+                net,
+                model,
+                batch,
+                terms,
+                optimizer,
+                alpha=alpha,
+                discriminator_span=method.discriminator_span,
+                denominator=denominator,
+                share=share if world > 1 else None,
+                accelerator=accelerator,
+            )
             step += 1
-            l_task = float(main_loss.detach())
-            l_adv = float(named["discriminator"].detach()) if "discriminator" in named else 0.0
-            penalty = (
-                float(sum(v.detach() for k, v in named.items() if k != "discriminator")) if named else 0.0
-            )
-            if world > 1:  # the global batch's losses: the mean over processes of the scaled shares
-                global_losses = torch.tensor([l_task, l_adv, penalty], device=device)
-                l_task, l_adv, penalty = accelerator.reduce(global_losses, reduction="mean").tolist()
-            losses = StepLosses(
-                total=l_task - alpha * l_adv + penalty,
-                task=l_task,
-                adversarial=-alpha * l_adv,
-                discriminator=l_adv,
-            )
             outcome.losses.append(losses)
             bar.update(1)
             bar.set_postfix(task=f"{losses.task:.3f}", disc=f"{losses.discriminator:.3f}")

@@ -5,9 +5,13 @@ A term sees the model and the batch after the forward pass and returns named los
 
 from __future__ import annotations
 
+import math
+import random
+
 import torch
 import torch.nn.functional as F
 
+from moecl.model.encoding import Encoded
 from moecl.model.moecl_model import SHARED, MoECLModel, expert_name, shared_chunk_name
 
 
@@ -19,6 +23,8 @@ class AdversarialTerm:
     Added to the loss with weight 1: the sign and alpha live in the reversal layer.
     """
 
+    row_averaged = True  # a mean over the batch's rows: a process's share is weighted by its rows (DDP)
+
     def __init__(self, alpha: float):
         self.alpha = alpha
 
@@ -29,6 +35,33 @@ class AdversarialTerm:
         labels = torch.tensor([model.task_index(t) for t in batch.tasks], device=logits[0].device)
         l_adv = torch.stack([F.cross_entropy(layer_logits, labels) for layer_logits in logits]).mean()
         return {"discriminator": l_adv}
+
+
+class MemorySampler:  # a term that only adds rows: its loss is the adversarial term's
+    """Draws discriminator-only examples from earlier tasks' memory (stored prompt token ids, no labels).
+
+    Each batch gets ceil(batch_size / 2) memory rows spread over the earlier tasks; they are routed through
+    their own task's experts, give the discriminator a second class to separate, and never enter the task
+    loss (their class and LM labels are ignore indices).
+    """
+
+    def __init__(self, memory: dict[str, list[list[int]]], current_task: str, batch_size: int, seed: int):
+        self.pools = {t: ids for t, ids in memory.items() if t != current_task and ids}
+        self.per_batch = math.ceil(batch_size / 2) if self.pools else 0
+        self.rng = random.Random(seed)
+
+    def __call__(self, model, batch, routing) -> dict[str, torch.Tensor]:
+        return {}
+
+    def before_batch(self) -> list[Encoded]:
+        """The memory rows to add to the next batch."""
+        tasks = sorted(self.pools)
+        out = []
+        for i in range(self.per_batch):
+            task = tasks[i % len(tasks)]
+            ids = self.rng.choice(self.pools[task])
+            out.append(Encoded(list(ids), len(ids), -1, task))
+        return out
 
 
 class OrthogonalSubspaceTerm:
@@ -58,11 +91,23 @@ class OrthogonalSubspaceTerm:
         return out
 
 
-def build_terms(model: MoECLModel, task_id: str, method) -> list:
+def build_terms(
+    model: MoECLModel,
+    task_id: str,
+    method,
+    *,
+    memory: dict[str, list[list[int]]] | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> list:
+    """The loss terms of a step on `task_id`: the adversarial term (with the discriminator memory's rows, where
+    earlier tasks left some), O-LoRA's orthogonality, the shared chunks' orthogonality."""
     terms = []
     earlier = [t for t in model.task_ids if t != task_id]
     if model.has_discriminator and method.adversarial_weight > 0:
         terms.append(AdversarialTerm(method.adversarial_weight))
+        if memory:
+            terms.append(MemorySampler(memory, task_id, batch_size, seed))
     if method.spec.orthogonal_experts and earlier:
         terms.append(
             OrthogonalSubspaceTerm(
@@ -84,4 +129,4 @@ def build_terms(model: MoECLModel, task_id: str, method) -> list:
     return terms
 
 
-__all__ = ["AdversarialTerm", "OrthogonalSubspaceTerm", "build_terms", "SHARED"]
+__all__ = ["AdversarialTerm", "MemorySampler", "OrthogonalSubspaceTerm", "build_terms", "SHARED"]
