@@ -13,6 +13,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from moecl.config import PAPER_SETTING
 from moecl.io import write_json_atomic
 
 STORE_VERSION = 2
@@ -23,6 +24,13 @@ def run_key(
 ) -> str:
     fixed = {k: v for k, v in params_dict.items() if k not in ("registry", "flow", "bench", "drift", "gate")}
     fixed["model"] = {k: v for k, v in (fixed.get("model") or {}).items() if k != "local_dir"}
+    # method knobs at the paper's value are left out, so that a knob added later (at the paper's value by
+    # default) keeps the keys of the runs stored before it
+    fixed["method"] = {
+        k: v
+        for k, v in (fixed.get("method") or {}).items()
+        if not (k in PAPER_SETTING and v == PAPER_SETTING[k]) and k != "paper"
+    }
     payload = {
         "version": STORE_VERSION,
         "params": fixed,

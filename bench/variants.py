@@ -40,6 +40,7 @@ KNOBS = {
     "memory": {"memory_per_task": 8, "discriminator_span": "prompt"},
     "prompt_pool": {"discriminator_span": "prompt"},
     "replay": {"replay_per_task": None},
+    "warm": {"dedicated_init": "shared"},
     "nogan": {"adv_alpha": 0.0},
 }
 

@@ -53,8 +53,10 @@ PAPER_SETTING: dict[str, Any] = {
     "discriminator_span": "all",
     "memory_per_task": 0,
     "replay_per_task": 0,
+    "dedicated_init": "zero",
 }
 DISCRIMINATOR_SPANS = ("all", "prompt")
+DEDICATED_INITS = ("zero", "shared")
 
 
 @dataclass
@@ -76,6 +78,7 @@ class MethodConfig:
     shared_orth_lambda: float = 0.5  # weight of that orthogonality loss
     discriminator_span: str = "all"  # tokens the discriminator pools: all | prompt (not the answer)
     replay_per_task: int = 0  # training records per earlier task replayed through the task loss
+    dedicated_init: str = "zero"  # a new task's expert: zero (B = 0) | shared (a copy of the shared expert)
 
     @property
     def spec(self):
@@ -210,6 +213,16 @@ class Params:
             raise ParamsError(
                 f"{source}: method.discriminator_span={self.method.discriminator_span!r} is not one of "
                 f"{', '.join(DISCRIMINATOR_SPANS)}"
+            )
+        if self.method.dedicated_init not in DEDICATED_INITS:
+            raise ParamsError(
+                f"{source}: method.dedicated_init={self.method.dedicated_init!r} is not one of "
+                f"{', '.join(DEDICATED_INITS)}"
+            )
+        if self.method.dedicated_init == "shared" and self.method.shared_orthogonal:
+            raise ParamsError(
+                f"{source}: method.dedicated_init=shared copies the one shared expert; it does not go with "
+                "method.shared_orthogonal's chunks"
             )
         if (
             self.method.shared_lr_scale < 0

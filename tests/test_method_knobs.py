@@ -373,3 +373,42 @@ def test_bank_round_trip_gives_the_trained_models_outputs(
         with torch.no_grad(), untrained.routed([task, task]):
             fresh = untrained.classify(ids["input_ids"], ids["attention_mask"], task)
         assert not torch.allclose(fresh, trained, atol=1e-6)  # the experts the bank carries matter
+
+
+def test_a_warm_started_expert_starts_the_new_task_at_the_shared_expert(tiny_base, tiny_tok):
+    """dedicated_init "shared": the new task's expert is a copy of the shared expert, so the layer computes
+    beta_s FFN_s + beta_t FFN_s = FFN_s whatever the gate says; with the paper's zero init the gate decides how
+    much of FFN_s the new task gets."""
+
+    def model_after_task1(dedicated_init):
+        method = MethodConfig(name="moecl", dedicated_init=dedicated_init)
+        model = MoECLModel(tiny_base.load()[0], Params().lora, method)
+        model.add_task(TaskInfo("t1", ["a", "b"]))
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():  # a trained shared expert (B != 0)
+            for layer in model.layers:
+                for p in layer.experts[SHARED].parameters():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+        model.add_task(TaskInfo("t2", ["a", "b"]))
+        model.eval()
+        return model
+
+    ids = tiny_tok(["alpha beta gamma"], return_tensors="pt")["input_ids"]
+    mask = torch.ones_like(ids)
+
+    def logits_with_gate(model, std):
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for layer in model.layers:
+                layer.gate.weight.copy_(torch.randn(layer.gate.weight.shape, generator=generator) * std)
+            with model.routed(["t2"]):
+                return model.lm_logits(ids, mask)
+
+    warm, cold = model_after_task1("shared"), model_after_task1("zero")
+    for layer in warm.layers:
+        for name, p in layer.experts[expert_name("t2")].named_parameters():
+            assert torch.equal(p, layer.experts[SHARED].get_parameter(name))
+    torch.testing.assert_close(logits_with_gate(warm, 0.0), logits_with_gate(warm, 2.0), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(logits_with_gate(cold, 0.0), logits_with_gate(cold, 2.0), atol=1e-4)
+    with pytest.raises(ParamsError, match="dedicated_init"):
+        apply_overrides(Params(), ["method.dedicated_init=shared", "method.shared_orthogonal=true"])

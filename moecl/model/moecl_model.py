@@ -137,14 +137,25 @@ class MoECLModel(nn.Module):
         return self.task_ids.index(task_id)
 
     def add_task(self, info: TaskInfo) -> None:
-        """A new task: a fresh dedicated expert (B = 0, so nothing changes yet) and, in classifier mode, a head."""
+        """A new task: a fresh dedicated expert (B = 0, so nothing changes yet; or, with method.dedicated_init
+        "shared", a copy of the shared expert, so that beta_s FFN_s + beta_t FFN_t starts at FFN_s whatever the
+        gate) and, in classifier mode, a head."""
         if info.task_id in self.task_ids:
             raise MoeclError(f"task {info.task_id!r} is already in the bank")
         self.tasks.append(info)
         lora = self.lora
         if self.method.uses_dedicated:
+            warm = self.method.dedicated_init == "shared" and self.method.uses_shared
             for layer in self.layers:
-                layer.add_expert(expert_name(info.task_id), lora.targets, lora.r, lora.scale, lora.dropout)
+                expert = layer.add_expert(
+                    expert_name(info.task_id), lora.targets, lora.r, lora.scale, lora.dropout
+                )
+                if (
+                    warm and SHARED in layer.experts
+                ):  # starts as the shared expert: the mixture starts at FFN_s
+                    with torch.no_grad():
+                        for name, p in expert.named_parameters():
+                            p.copy_(layer.experts[SHARED].get_parameter(name))
         if self.method.uses_shared and self.method.shared_orthogonal:
             for layer in self.layers:
                 layer.add_expert(
