@@ -94,58 +94,6 @@ def test_what_changed_after_two_steps(tiny_base, fast_params, two_tasks, tmp_pat
     )
 
 
-def test_gradient_reversal_sign(tiny_base, tiny_tok):
-    """The discriminator gets +dL_adv; the shared expert gets -alpha * dL_adv (the reversed gradient)."""
-    from moecl.model.encoding import collate, pad_id
-    from moecl.train.terms import AdversarialTerm
-
-    base_model, _ = tiny_base.load()
-    torch.manual_seed(0)
-    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl", adv_alpha=0.1))
-    model.add_task(TaskInfo("a", ["x", "y"]))
-    model.add_task(TaskInfo("b", ["x", "y"]))
-    with torch.no_grad():  # non-zero B so the adversarial gradient reaches A and B
-        for p in model.shared_parameters().values():
-            p.add_(0.05 * torch.randn_like(p))
-    model.eval()  # no dropout: both passes must see the same forward
-    from moecl.model.encoding import Encoded
-
-    items = [
-        Encoded(tiny_tok(t)["input_ids"], 0, -1, task)
-        for t, task in [
-            ("goal team", "a"),
-            ("profit bank stock", "b"),
-            ("coach win cup", "a"),
-            ("merger trade", "b"),
-        ]
-    ]
-    batch = collate(items, pad_id(tiny_tok))
-
-    def adversarial_grads(scale):
-        model.zero_grad(set_to_none=True)
-        for p in model.shared_parameters().values():
-            p.requires_grad_(True)
-        with model.routed(
-            batch.tasks, attention_mask=batch.attention_mask, collect_discriminator=True, reverse_scale=scale
-        ) as routing:
-            model.decoder_hidden(batch.input_ids, batch.attention_mask)
-            loss = AdversarialTerm(0.1)(model, batch, routing)["discriminator"]
-        loss.backward()
-        return {
-            n: p.grad.clone() for n, p in model.shared_parameters().items() if p.grad is not None
-        }, loss.item()
-
-    reversed_grads, loss = adversarial_grads(0.1)
-    plain_grads, _ = adversarial_grads(-1.0)  # reversal by -1: the plain gradient of L_adv
-    disc = [n for n in plain_grads if ".discriminator." in n]
-    shared = [n for n in plain_grads if ".shared." in n and plain_grads[n].abs().sum() > 0]
-    assert disc and shared and loss > 0
-    for n in disc:
-        torch.testing.assert_close(reversed_grads[n], plain_grads[n])
-    for n in shared:
-        torch.testing.assert_close(reversed_grads[n], -0.1 * plain_grads[n], rtol=1e-4, atol=1e-8)
-
-
 def test_discriminators_learn_while_the_shared_expert_is_reversed(tiny_base, tiny_tok):
     """AdamW on L_adv through the reversal layer: the discriminators still drive their loss down (they minimise
     it) although the shared expert upstream is pushed the other way."""
@@ -447,3 +395,119 @@ def test_inference_reuses_buffers_without_changing_any_output(tiny_base, tiny_to
             fast = model.lm_logits(ids, mask)
     assert tracked.requires_grad and not fast.requires_grad
     torch.testing.assert_close(fast, tracked.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_layer_is_the_gated_sum_of_two_full_experts(tiny_base):
+    """With trained deltas (B != 0) and a gate far from uniform, the fused computation (base projections once,
+    deltas per expert, one down projection of the mixed hidden state) equals beta_s FFN_s(u) + beta_t FFN_t(u)
+    with each expert's FFN computed from its own merged weights W + scale * B A."""
+    base_model, _ = tiny_base.load()
+    model = model_with_tasks(
+        base_model, Params().lora, MethodConfig(name="moecl"), [TaskInfo("t1", ["a"])], 0.1
+    )
+    layer = model.layers[0]
+    with torch.no_grad():
+        layer.gate.weight.normal_(0, 1.0)
+    model.eval()
+    u = torch.randn(2, 5, layer.hidden, generator=torch.Generator().manual_seed(0))
+
+    def merged(expert, projection):
+        weight = getattr(layer.base, projection).weight
+        delta = expert[projection]
+        return weight + delta.scale * delta.B @ delta.A
+
+    def ffn(expert_key):
+        expert = layer.experts[expert_key]
+        g = u @ merged(expert, "gate_proj").t()
+        v = u @ merged(expert, "up_proj").t()
+        return (layer.base.act_fn(g) * v) @ merged(expert, "down_proj").t()
+
+    with torch.no_grad():
+        beta = torch.softmax(u @ layer.gate.weight.t(), -1)
+        expected = beta[..., :1] * ffn(SHARED) + beta[..., 1:] * ffn(expert_name("t1"))
+        with model.routed(["t1", "t1"]):
+            fused = layer(u)
+    assert beta[..., 1].std() > 0.05  # the gate is far from uniform, so a wrong mixing rule would show
+    torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_the_reversal_layer_flips_the_sign_of_an_independently_computed_gradient(
+    tiny_base, tiny_tok, monkeypatch
+):
+    """The plain gradient of L_adv is computed with the reversal layer replaced by the identity; with the real
+    layer the discriminators get that same gradient and the shared expert exactly -alpha times it."""
+    import moecl.model.layer as layer_module
+    from moecl.model.encoding import Encoded, collate, pad_id
+    from moecl.train.terms import AdversarialTerm
+
+    base_model, _ = tiny_base.load()
+    model = model_with_tasks(
+        base_model,
+        Params().lora,
+        MethodConfig(name="moecl"),
+        [TaskInfo("a", ["x"]), TaskInfo("b", ["x"])],
+        0.05,
+    )
+    model.eval()
+    texts = [("goal team", "a"), ("profit bank stock", "b"), ("coach win cup", "a")]
+    batch = collate([Encoded(tiny_tok(t)["input_ids"], 0, -1, task) for t, task in texts], pad_id(tiny_tok))
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        for p in model.shared_parameters().values():
+            p.requires_grad_(True)
+        with model.routed(
+            batch.tasks, attention_mask=batch.attention_mask, collect_discriminator=True, reverse_scale=0.1
+        ) as routing:
+            model.decoder_hidden(batch.input_ids, batch.attention_mask)
+            loss = AdversarialTerm(0.1)(model, batch, routing)["discriminator"]
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.shared_parameters().items() if p.grad is not None}
+
+    reversed_grads = grads()
+    monkeypatch.setattr(layer_module, "gradient_reversal", lambda x, scale: x)
+    plain = grads()
+    shared = [n for n in plain if ".shared." in n and plain[n].abs().sum() > 0]
+    disc = [n for n in plain if ".discriminator." in n]
+    assert shared and disc
+    for n in disc:
+        torch.testing.assert_close(reversed_grads[n], plain[n])
+    for n in shared:
+        torch.testing.assert_close(reversed_grads[n], -0.1 * plain[n], rtol=1e-4, atol=1e-9)
+
+
+def test_the_discriminator_pools_real_tokens_only(tiny_base, tiny_tok):
+    """A row's discriminator logits are the same alone and left-padded beside a longer row: padding is not
+    pooled."""
+    from moecl.model.encoding import Encoded, collate, pad_id
+
+    base_model, _ = tiny_base.load()
+    model = model_with_tasks(
+        base_model,
+        Params().lora,
+        MethodConfig(name="moecl"),
+        [TaskInfo("a", ["x"]), TaskInfo("b", ["x"])],
+        0.05,
+    )
+    model.eval()
+    short = Encoded(tiny_tok("goal team")["input_ids"], 0, -1, "a")
+    long = Encoded(tiny_tok("profit bank stock merger revenue trade market")["input_ids"], 0, -1, "b")
+
+    def logits(items):
+        batch = collate(items, pad_id(tiny_tok))
+        with (
+            torch.no_grad(),
+            model.routed(
+                batch.tasks,
+                attention_mask=batch.attention_mask,
+                collect_discriminator=True,
+                reverse_scale=0.1,
+            ) as routing,
+        ):
+            model.decoder_hidden(batch.input_ids, batch.attention_mask)
+            return torch.stack(routing.discriminator_logits)  # [layers, rows, tasks]
+
+    alone = logits([short])[:, 0]
+    padded = logits([short, long])
+    assert collate([short, long], pad_id(tiny_tok)).attention_mask[0].min() == 0  # the short row is padded
+    torch.testing.assert_close(padded[:, 0], alone, rtol=1e-4, atol=1e-5)
