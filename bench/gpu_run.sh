@@ -100,6 +100,11 @@ if [ -z "${MOECL_MTL5:-}" ]; then
   done
 fi
 export TQDM_MININTERVAL=${TQDM_MININTERVAL:-20}   # a progress line every 20 s, not a flood in the log
+# Resume: the runs earlier sessions finished (committed under bench/results/runs/gpu) go to $OUT_DIR first, so
+# bench.run reuses them and every run, old and new, comes back with $OUT (copy runs/gpu back and commit it).
+if [ "$OUT_DIR" != "bench/results" ] && [ -d bench/results/runs/gpu ]; then
+  mkdir -p "$OUT_DIR/runs" && cp -r bench/results/runs/gpu "$OUT_DIR/runs/"
+fi
 timeout --signal=INT --kill-after=20 "$LIMIT" "$PY" -m bench.run --preset gpu --out "$OUT_DIR" --budget-minutes "$BUDGET" "$@" 2>&1 \
   | tr '\r' '\n' | tee "$OUT_DIR/gpu_run.log"
 rc=${PIPESTATUS[0]}
