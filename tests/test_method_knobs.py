@@ -412,3 +412,24 @@ def test_a_warm_started_expert_starts_the_new_task_at_the_shared_expert(tiny_bas
     assert not torch.allclose(logits_with_gate(cold, 0.0), logits_with_gate(cold, 2.0), atol=1e-4)
     with pytest.raises(ParamsError, match="dedicated_init"):
         apply_overrides(Params(), ["method.dedicated_init=shared", "method.shared_orthogonal=true"])
+
+
+def test_the_evolution_replays_each_earlier_tasks_last_promoted_snapshot(tmp_path, two_tasks):
+    """evolve.replay_tasks reads an earlier task's snapshot (its last promoted version), not its current
+    folder, which may already hold a newer, unpromoted version; with replay off it reads nothing."""
+    from moecl.data.importers import write_task
+    from moecl.evolve import replay_tasks, snapshot_dir
+
+    topics, sentiment = two_tasks
+    params = Params()
+    params.data.root = str(tmp_path / "data")
+    params.registry.root = str(tmp_path / "registry")
+    snap = snapshot_dir(params, "topics")
+    write_task(snap.parent, "topics", topics.labels, topics.train, topics.test)
+    newer = [dataclasses.replace(r, text="newer " + r.text) for r in topics.train]
+    write_task(params.data.root, "topics", topics.labels, newer, topics.test)
+    assert replay_tasks(params, ["topics"], exclude="sentiment") is None  # replay off: nothing read
+    params.method.replay_per_task = 4
+    replayed = replay_tasks(params, ["topics", "sentiment"], exclude="sentiment")
+    assert list(replayed) == ["topics"]
+    assert {r.text for r in replayed["topics"].train} == {r.text for r in topics.train}
