@@ -169,6 +169,21 @@ def paired_comparisons(runs: list[dict], methods: list[str] | None = None) -> di
     return out
 
 
+def instrument_check(runs: list[dict], upper: str = "mtl", lower: str = "seq_lora") -> dict:
+    """Can the benchmark see a difference as large as the one the method claims? mode -> ACC(mtl) -
+    ACC(seq_lora), paired on the same records (their first runs), with its paired standard error."""
+    out = {}
+    for mode in sorted({r["mode"] for r in runs}):
+        first = {}
+        for r in runs:
+            if r["mode"] == mode and r.get("correct") and r["method"] in (upper, lower):
+                first.setdefault(r["method"], r)
+        if len(first) == 2:
+            pair = paired_acc_difference(first[upper]["correct"], first[lower]["correct"])
+            out[mode] = {"diff": pair.diff, "se": pair.se, "ratio": pair.diff / pair.se if pair.se else None}
+    return out
+
+
 def zero_shot_table(runs: list[dict]) -> dict:
     """mode -> task -> b_i (instruction mode: one value for all methods; classifier mode: per method)."""
     out: dict = {}
@@ -273,6 +288,18 @@ def markdown(result: dict) -> str:
             for m, s in methods.items()
         ]
         lines += _table(["method", "ACC", "ACC s.e.", "BWT", "FWT", "runs"], rows) + [""]
+    for mode, check in (result.get("instrument") or {}).items():
+        ratio = check["ratio"]
+        lines += [
+            f"Instrument ({mode} mode): mtl − seq_lora = {check['diff']:+.3f} at {_fmt(ratio, 1)} paired standard "
+            "errors"
+            + (
+                " (the benchmark resolves a gap of that size)"
+                if ratio and ratio >= 3
+                else " (under 3: the benchmark cannot be trusted to resolve a gap of that size)"
+            ),
+            "",
+        ]
     for reference, by_mode in (result.get("paired") or {}).items():
         name = label(reference)
         lines += [

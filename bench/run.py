@@ -201,7 +201,14 @@ def _main(argv: list[str] | None) -> int:
         return 2
 
     from bench.backbones import describe
-    from bench.report import hardware, paired_comparisons, summarise, write_results, zero_shot_table
+    from bench.report import (
+        hardware,
+        instrument_check,
+        paired_comparisons,
+        summarise,
+        write_results,
+        zero_shot_table,
+    )
 
     base, model_cfg = _base(preset, args, tasks_by_mode)
     result = {
@@ -237,6 +244,7 @@ def _main(argv: list[str] | None) -> int:
         result["wall_seconds"] = round(time.perf_counter() - started_wall, 1)
         result["summary"] = summarise(result["runs"], result["data"], methods)
         result["paired"] = paired_comparisons(result["runs"], methods)
+        result["instrument"] = instrument_check(result["runs"])
         result["zero_shot"] = zero_shot_table(result["runs"])
         return write_results(out_dir, name, result)
 
