@@ -36,6 +36,31 @@ RECORD_FIELDS = (
 
 _KEY_RE = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 
+# The name of the state a dataset version's flow run ends in, after its decision: a rejected version must not
+# look like a promoted one in the UI's run list. The state type stays Completed (Failed for invalid data).
+DECISION_STATES = {
+    "promote": "Promoted",
+    "reject": "Rejected",
+    "skipped": "Skipped",
+    "superseded": "Superseded",
+    "invalid": "Invalid data",
+}
+STATE_MESSAGE_CHARS = 500
+
+
+def decision_state_name(decision: str | None) -> str:
+    """'reject' -> 'Rejected': the state name of a run that decided `decision`."""
+    if not decision:
+        return "?"
+    return DECISION_STATES.get(decision, decision.replace("_", " ").capitalize())
+
+
+def decision_message(reasons: list[str] | str | None) -> str:
+    """The state message: the reasons of the decision, as `moecl history` shows them."""
+    text = reasons if isinstance(reasons, str) else "; ".join(reasons or [])
+    text = text.strip() or "(no reason given)"
+    return text if len(text) <= STATE_MESSAGE_CHARS else text[: STATE_MESSAGE_CHARS - 3] + "..."
+
 
 def valid_key(key: str) -> bool:
     return bool(_KEY_RE.match(key))
@@ -220,24 +245,35 @@ def history_row(run: dict[str, Any], record: dict[str, Any] | None) -> dict[str,
     }
 
 
-def format_history(rows: list[dict[str, Any]]) -> str:
-    header = ("when", "task", "version", "state", "decision", "ACC", "BWT", "champion")
+def _row_state(r: dict[str, Any]) -> str:
+    """The run's state name; a run from before the decision names (state "Completed") shows its decision's."""
+    state, decision = r.get("state"), r.get("decision")
+    if decision and (state in (None, "Completed") or (state == "Failed" and decision == "invalid")):
+        return decision_state_name(decision)
+    return state or "?"
+
+
+def format_history(rows: list[dict[str, Any]], why_chars: int = 100) -> str:
+    header = ("when", "task", "version", "state", "ACC", "BWT", "champion", "why")
     table = [header]
     for r in rows:
         when = (r.get("when") or "")[:19].replace("T", " ")
         champion = f"{r.get('champion_before') or 'none'} -> {r.get('champion_after') or r.get('champion_before') or 'none'}"
         if not r.get("decision"):
             champion = "-"
+        why = " ".join(str(r.get("reasons") or "").split())
+        if len(why) > why_chars:
+            why = why[: why_chars - 3] + "..."
         table.append(
             (
                 when,
                 r.get("task_id") or "?",
                 short(r.get("data_version")),
-                r.get("state") or "?",
-                r.get("decision") or "-",
-                number(r.get("acc")) if r.get("decision") else "-",
-                number(r.get("bwt"), True) if r.get("decision") else "-",
+                _row_state(r),
+                number(r.get("acc")) if r.get("acc") is not None else "-",
+                number(r.get("bwt"), True) if r.get("bwt") is not None else "-",
                 champion,
+                why or "-",
             )
         )
     widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]

@@ -112,6 +112,13 @@ def load_base(params: Params):
     return base_from_params(params.model)
 
 
+@task(name="verify-registry", **STAGE)
+def verify_registry(registry: Registry) -> int:
+    """The run's first check (hashes only): IntegrityError for a champion that is not whole; other problems
+    are logged. Returns how many problems were found."""
+    return len(evolve.preflight(registry))
+
+
 @task(name="validate", **STAGE, **IO_RETRIES)
 def validate(params: Params, pending: evolve.PendingVersion):
     return evolve.validate_version(params, pending)
@@ -237,6 +244,7 @@ def _version_run_name() -> str:
 
 def _process(params: Params, pending: evolve.PendingVersion, registry: Registry, outputs: evolve.Outputs):
     """The stages in order: the same path as moecl.evolve.process_version, one Prefect task per stage."""
+    verify_registry(registry)
     champion = registry.champion()
     before = champion.version if champion else None
     done = registry.processed(pending.task_id, pending.data_hash)
@@ -279,19 +287,26 @@ def process_dataset_version(
             logger.warning("%s@%s: superseded: %s", task_id, art.short(data_version), reason)
             markdown = art.superseded_markdown(task_id, data_version, pending.data_hash)
             publish_note(task_id, data_version, "superseded", markdown, reason)
-            return {
+            result = {
                 "task_id": task_id,
                 "data_hash": data_version,
                 "decision": "superseded",
                 "reasons": [reason],
             }
+            return Completed(
+                name=art.decision_state_name("superseded"),
+                message=art.decision_message([reason]),
+                data=result,
+            )
         try:
-            outcome, champion_per_task = _process(params, pending, registry, evolve.Outputs())
+            with evolve.integrity_failure_recorded(registry, pending):  # a corrupted champion: "integrity"
+                outcome, champion_per_task = _process(params, pending, registry, evolve.Outputs())
         except DataValidationError as exc:
             logger.error("%s", exc)
             markdown = art.invalid_markdown(task_id, pending.data_hash, str(exc))
             publish_note(task_id, pending.data_hash, "invalid", markdown, str(exc))
-            return Failed(message=f"invalid data: {exc}")
+            # still a failure (the version goes nowhere), named for what it is
+            return Failed(name=art.decision_state_name("invalid"), message=f"invalid data: {exc}")
     result = outcome.to_dict()
     logger.info(
         "%s@%s: %s (%s); champion %s -> %s",
@@ -305,7 +320,12 @@ def process_dataset_version(
     state = publish_artifacts(result, champion_per_task, return_state=True)
     if state.is_failed():  # the decision is recorded: reporting trouble must not turn it into a failure
         logger.warning("could not publish the artifacts: %s", state.message)
-    return Completed(message=f"{outcome.decision}: {'; '.join(outcome.reasons)}"[:500], data=result)
+    # named after the decision (Promoted, Rejected, Skipped), still of the Completed type; the reason is the message
+    return Completed(
+        name=art.decision_state_name(outcome.decision),
+        message=art.decision_message(outcome.reasons),
+        data=result,
+    )
 
 
 # --- every pending version ----------------------------------------------------------------------------------------
@@ -332,19 +352,25 @@ def self_evolve(
     versions = find_versions(params, task_id, data_version)
     if not versions:
         logger.info("nothing to do: no pending dataset version%s", f" of {task_id}" if task_id else "")
-    results = []
+    results, failed = [], []
     for tid, version in versions:
         with tags("moecl", f"task:{tid}"):
             state = process_dataset_version(tid, version, params_path, overrides, return_state=True)
         outcome = state.result(raise_on_failure=False)
-        row = {"task_id": tid, "data_version": version, "state": state.name, "message": state.message}
+        row = {
+            "task_id": tid,
+            "data_version": version,
+            "state": state.name,  # Promoted, Rejected, ...: the decision (flows/artifacts.py DECISION_STATES)
+            "message": state.message,
+        }
         if isinstance(outcome, dict):
             row.update(
                 {k: outcome.get(k) for k in ("decision", "version", "champion_before", "champion_after")}
             )
         results.append(row)
+        if not state.is_completed():
+            failed.append(row)
     create_markdown_artifact(art.batch_markdown(results), key=art.KEY_BATCH)
-    failed = [r for r in results if r["state"] != "Completed"]
     if failed:
         names = ", ".join(f"{r['task_id']}@{art.short(r['data_version'])}" for r in failed)
         message = f"{len(failed)} of {len(results)} dataset version(s) failed: {names}"

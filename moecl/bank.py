@@ -7,9 +7,11 @@
     <bank>/evaluation.json             written once by evaluation (the accuracy matrix up to this bank, and which
                                        test records it got right: moecl.metrics.correctness)
 
-A bank directory is immutable: it appears whole (written under a temporary name, then renamed) and is never
-rewritten. The files of tasks a step did not train are hard links to (or copies of) the parent's files, so
-they stay byte-identical. Loading reads safetensors and JSON only, never pickle.
+A bank directory is immutable: it appears whole (written under a temporary name, every file fsynced, then
+renamed) and is never rewritten. The files of tasks a step did not train are hard links to (or copies of) the
+parent's files, so they stay byte-identical. Loading reads safetensors and JSON only, never pickle, and checks
+every file against the sha256 bank.json records and bank.json against its own checksum first
+(moecl.integrity): a corrupted bank is refused with an IntegrityError naming the file, never used.
 """
 
 from __future__ import annotations
@@ -27,26 +29,24 @@ from pathlib import Path
 import torch
 
 from moecl.config import LoraSettings, MethodConfig
-from moecl.errors import BankError
+from moecl.errors import BankError, IntegrityError
+from moecl.integrity import (
+    EVALUATION,
+    FORMAT,
+    MANIFEST,
+    SHARED_FILE,
+    file_sha256,
+    parse_manifest,
+    seal,
+    verify_bank,
+)
+from moecl.io import fsync_dir, write_error
 from moecl.model.base import BaseSpec
 from moecl.model.moecl_model import MoECLModel, TaskInfo
-
-FORMAT = "moecl-bank/1"
-MANIFEST = "bank.json"
-SHARED_FILE = "shared.safetensors"
-EVALUATION = "evaluation.json"
 
 
 def task_file(task_id: str) -> str:
     return f"expert-{task_id}.safetensors"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def code_revision() -> str | None:
@@ -66,16 +66,8 @@ class LoadedBank:
 
 
 def read_manifest(bank_dir: str | Path) -> dict:
-    path = Path(bank_dir) / MANIFEST
-    if not path.is_file():
-        raise BankError(f"{path}: no bank manifest here (is {bank_dir} an expert bank?)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise BankError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT:
-        raise BankError(f"{path}: format {manifest.get('format')!r} is not {FORMAT!r}")
-    return manifest
+    """bank.json, checked against its schema and its own checksum (IntegrityError if it fails)."""
+    return parse_manifest(bank_dir)
 
 
 def read_evaluation(bank_dir: str | Path) -> dict | None:
@@ -121,9 +113,10 @@ def check_base(bank_dir: str | Path, manifest: dict, base: BaseSpec) -> None:
 def load_bank(bank_dir: str | Path, base: BaseSpec, device=None) -> LoadedBank:
     """Rebuild the model of a bank on a fresh copy of its base model (which must be the same base).
 
-    On the CPU unless `device` is given (a step adds its new expert first, then moves the model)."""
+    On the CPU unless `device` is given (a step adds its new expert first, then moves the model). Every file
+    is checked against bank.json's sha256 first: a corrupted bank raises IntegrityError before the base loads."""
     bank_dir = Path(bank_dir)
-    manifest = read_manifest(bank_dir)
+    manifest = verify_bank(bank_dir)
     check_base(bank_dir, manifest, base)
     lora = LoraSettings(**manifest["lora"])
     method = MethodConfig.from_manifest(manifest["method"])
@@ -154,14 +147,22 @@ def load_bank(bank_dir: str | Path, base: BaseSpec, device=None) -> LoadedBank:
     return LoadedBank(model, tokenizer, manifest, memory)
 
 
-def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
+def _write_durably(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())},
-        str(path),
-        metadata={"format": "pt"},
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    """Write a safetensors file (fsynced); returns the sha256 of the bytes meant to be on disk."""
+    from safetensors.torch import save
+
+    data = save(
+        {k: v.detach().cpu().contiguous() for k, v in sorted(tensors.items())}, metadata={"format": "pt"}
     )
+    _write_durably(path, data)
+    return hashlib.sha256(data).hexdigest()
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -169,6 +170,17 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copyfile(src, dst)
+
+
+def _reuse(src: Path, dst: Path, expected: str) -> str:
+    """Take over a parent's file unchanged, refusing one that no longer has the hash its bank recorded."""
+    _link_or_copy(src, dst)
+    found = file_sha256(dst)
+    if found != expected:
+        raise IntegrityError(
+            f"{src}: sha256 mismatch: expected {expected}, found {found}; the parent bank is corrupted"
+        )
+    return found
 
 
 def save_bank(
@@ -184,22 +196,27 @@ def save_bank(
     memory: dict[str, list[list[int]]] | None = None,
     train_summary: dict | None = None,
 ) -> Path:
-    """Write a new bank directory atomically. Tasks other than `trained_task` reuse the parent's files."""
+    """Write a new bank directory atomically. Tasks other than `trained_task` reuse the parent's files.
+
+    An OSError (a full disk) raises a WriteError naming the bank and the file; nothing of the bank remains."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise BankError(f"{out_dir}: already exists; banks are immutable, choose a new directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     parent_manifest = read_manifest(parent_dir) if parent_dir else None
     parent_files = {t["task_id"]: t for t in (parent_manifest or {}).get("tasks", [])}
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    writing = tmp
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
         tasks = []
         for info in loaded_model.tasks:
             name = task_file(info.task_id)
+            writing = tmp / name
             reuse = info.task_id != trained_task and info.task_id in parent_files
             if reuse:
-                _link_or_copy(Path(parent_dir) / parent_files[info.task_id]["file"], tmp / name)
+                parent_entry = parent_files[info.task_id]
+                sha = _reuse(Path(parent_dir) / parent_entry["file"], tmp / name, parent_entry["sha256"])
             else:
                 tensors = dict(loaded_model.task_parameters(info.task_id))
                 rows = (memory or {}).get(info.task_id)
@@ -208,7 +225,7 @@ def save_bank(
                     tensors["memory.input_ids"] = torch.tensor([r + [-1] * (width - len(r)) for r in rows])
                 if not tensors:  # e.g. seq_lora in instruction mode: nothing task-specific to store
                     tensors = {"empty": torch.zeros(0)}
-                _save_tensors(tensors, tmp / name)
+                sha = _save_tensors(tensors, tmp / name)
             entry = {
                 "task_id": info.task_id,
                 "labels": info.labels,
@@ -216,7 +233,7 @@ def save_bank(
                 "positive_label": info.positive_label,
                 "mode": loaded_model.mode,
                 "file": name,
-                "sha256": file_sha256(tmp / name),
+                "sha256": sha,
             }
             if reuse:
                 entry["data_hash"] = parent_files[info.task_id].get("data_hash")
@@ -226,8 +243,8 @@ def save_bank(
         shared_entry = None
         shared = loaded_model.shared_parameters()
         if shared:
-            _save_tensors(dict(shared), tmp / SHARED_FILE)
-            shared_entry = {"file": SHARED_FILE, "sha256": file_sha256(tmp / SHARED_FILE)}
+            writing = tmp / SHARED_FILE
+            shared_entry = {"file": SHARED_FILE, "sha256": _save_tensors(dict(shared), tmp / SHARED_FILE)}
         manifest = {
             "format": FORMAT,
             "base_model": {"name": base.name, "sha256": base.sha256},
@@ -246,12 +263,22 @@ def save_bank(
             },
             "train": train_summary or {},
         }
-        with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
+        writing = tmp / MANIFEST
+        text = json.dumps(seal(json.loads(json.dumps(manifest))), indent=2, sort_keys=True)
+        _write_durably(tmp / MANIFEST, text.encode("utf-8"))
+        fsync_dir(tmp)
+        writing = out_dir
         os.rename(tmp, out_dir)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(
+            out_dir,
+            exc,
+            "the bank",
+            f"It failed writing {writing}; nothing was kept: the temporary folder {tmp} was removed.",
+        ) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(out_dir.parent)
     return out_dir

@@ -43,10 +43,11 @@ def say(text: str) -> None:
 
 
 def sh(
-    cmd: list[str], cwd: Path = WORKSPACE, check: bool = True, quiet: bool = False
+    cmd: list[str], cwd: Path | None = None, check: bool = True, quiet: bool = False
 ) -> subprocess.CompletedProcess:
+    """Run `cmd` in `cwd` (default: the workspace, read when called, so a test can point it elsewhere)."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
-    out = subprocess.run(cmd, cwd=cwd, env=env, text=True, capture_output=quiet)
+    out = subprocess.run(cmd, cwd=cwd or WORKSPACE, env=env, text=True, capture_output=quiet)
     if check and out.returncode != 0:
         detail = (out.stderr or "")[-2000:] if quiet else ""
         raise SystemExit(f"demo: `{' '.join(cmd)}` failed (exit {out.returncode}) {detail}")
@@ -241,6 +242,10 @@ def main() -> int:
     print("  run history:          cd demo && ../.venv/bin/moecl history")
     print("  Prefect UI:           cd demo && ../.venv/bin/moecl serve   # then open http://127.0.0.1:4200")
     print("  DVC:                  cd demo && ../.venv/bin/dvc metrics show && ../.venv/bin/dvc plots show")
+    print(
+        "  your own task:        source .venv/bin/activate && cd demo, then README.md "
+        '"Your own task, by hand" (import, validate, dvc add + commit, dvc repro, promote, predict)'
+    )
     print(f"\ndemo finished in {time.time() - started:.0f} s")
     return 0
 

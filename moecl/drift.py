@@ -228,7 +228,7 @@ def detect_drift(
     columns, share = extract_drift(snap.dict())
     if share is None or math.isnan(share):
         share = sum(c["drifted"] for c in columns.values()) / len(columns) if columns else 0.0
-    with atomic_path(report_path) as tmp:
+    with atomic_path(report_path, "the drift report") as tmp:
         snap.save_html(str(tmp))
     return DataDriftResult(
         task_id=current.task_id,
@@ -267,7 +267,7 @@ def describe_new_task(
         snap = Report([DataSummaryPreset()]).run(
             current_data=_evidently_dataset(frame, with_text), reference_data=None
         )
-    with atomic_path(report_path) as tmp:
+    with atomic_path(report_path, "the drift report") as tmp:
         snap.save_html(str(tmp))
     return DataDriftResult(
         task_id=task.task_id,

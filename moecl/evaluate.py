@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple
 
-from moecl.bank import EVALUATION, check_base, load_bank, read_evaluation, read_manifest
+from moecl.bank import EVALUATION, check_base, load_bank, read_evaluation, verify_bank
 from moecl.config import Params
 from moecl.data.task import Record, TaskData
 from moecl.errors import UnknownTaskError
+from moecl.io import write_text_atomic
 from moecl.metrics import ContinualMetrics, accuracy, correctness, stripping_rate
 from moecl.model.base import BaseSpec, preferred_device
 from moecl.model.inference import predict
@@ -116,10 +116,10 @@ def evaluate_bank(
     `only` evaluates just those tasks: the row holds only their cells (the metrics accept partial rows).
     """
     bank_dir = Path(bank_dir)
+    manifest = verify_bank(bank_dir)  # a corrupted bank is refused even where its evaluation is stored
     existing = read_evaluation(bank_dir)
     if existing is not None:
         return existing
-    manifest = read_manifest(bank_dir)
     check_base(bank_dir, manifest, base)
     history = manifest.get("history") or {}
     steps = list(manifest.get("steps", []))
@@ -148,9 +148,9 @@ def evaluate_bank(
         "correct": correct,
     }
     if write:
-        tmp = bank_dir / f".{EVALUATION}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=2, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, bank_dir / EVALUATION)
+        write_text_atomic(
+            bank_dir / EVALUATION, json.dumps(record, indent=2, sort_keys=True), what="the bank's evaluation"
+        )
     return record
 
 

@@ -7,6 +7,12 @@ writing the same registry, banks and metrics at once would race). A run killed p
 half-written, and the next run finishes the version: a complete challenger bank is reused, a challenger that was
 registered but never decided is decided (not registered twice), and the drift reference of a version promoted
 just before the kill is installed from its staged copy (docs/operations.md).
+
+The first check of every version's run is `preflight`: the registry verified (hashes only). A champion whose
+bank is not whole is never trained from: the run records the version as failed for the reason "integrity"
+(`integrity_failure_recorded`), leaves the champion as it is, and the version stays pending until someone
+rolls back to a verified bank. A full disk (ENOSPC) at any write raises a WriteError naming the file; what
+was being written is removed, and the next run picks up from there like after a kill.
 """
 
 from __future__ import annotations
@@ -30,8 +36,8 @@ from moecl.data.validate import (
     task_folder_hash,
     task_id_issues,
 )
-from moecl.errors import MoeclError
-from moecl.io import write_json_atomic
+from moecl.errors import IntegrityError, MoeclError
+from moecl.io import write_error, write_json_atomic
 from moecl.metrics import ContinualMetrics
 from moecl.model.base import BaseSpec, preferred_device
 from moecl.registry import Registry, VersionRecord
@@ -134,6 +140,36 @@ def evolution_lock(params: Params) -> Iterator[None]:
 
 
 # --- the stages -----------------------------------------------------------------------------------------------
+def preflight(registry: Registry) -> list:
+    """The first check of a run (cheap: hashes only): `moecl registry verify` without --all. Raises
+    IntegrityError when the champion cannot be trained from (its pointer, record or bank); returns the other
+    problems, each logged as a warning (a torn event line, an old bank's damage: they do not stop a run)."""
+    from moecl.registry_verify import champion_problems, verify_registry
+
+    problems = verify_registry(registry)
+    blocking = champion_problems(problems)
+    if blocking:
+        lines = "\n  ".join(str(p) for p in blocking)
+        raise IntegrityError(
+            f"the champion is not whole; nothing is trained from it:\n  {lines}\n"
+            "Roll back to the last verified bank (docs/operations.md, 'The champion is corrupted')."
+        )
+    for problem in problems:
+        log.warning("registry verify: %s", problem)
+    return problems
+
+
+@contextmanager
+def integrity_failure_recorded(registry: Registry, pending: PendingVersion) -> Iterator[None]:
+    """Record the dataset version as failed, for the reason "integrity", if the block raises IntegrityError
+    (then re-raised). The version stays pending: a failure is not a decision."""
+    try:
+        yield
+    except IntegrityError as exc:
+        registry.record_failure(pending.task_id, pending.data_hash, "integrity", str(exc))
+        raise
+
+
 def validate_version(params: Params, pending: PendingVersion) -> TaskData:
     """Validate the new version (raises DataValidationError naming file:line:field; writes nothing)."""
     return load_task(pending.folder, params.data)
@@ -194,7 +230,7 @@ def drift_for_version(params: Params, task: TaskData, outputs: Outputs):
         result = detect_drift(previous, task, report, params.drift)
     else:
         result = describe_new_task(task, report, params.drift)
-    write_json_atomic(outputs.drift_json, result.to_dict())
+    write_json_atomic(outputs.drift_json, result.to_dict(), what="the drift metrics")
     return result
 
 
@@ -215,14 +251,14 @@ def train_challenger(
     progress: bool = True,
 ) -> Path:
     """The CL step from the champion's bank. A bank left complete by an interrupted run is reused (banks
-    appear atomically, so an existing one is whole)."""
-    from moecl.bank import read_manifest
+    appear atomically, so an existing one is whole; its files are verified all the same)."""
+    from moecl.bank import verify_bank
     from moecl.train.launch import launch_step
 
     champion = registry.champion()
     out = challenger_dir(params, pending, champion)
     if out.is_dir():
-        manifest = read_manifest(out)
+        manifest = verify_bank(out)  # reused: whole, or refused
         if manifest["lineage"].get("data_hash") == task.content_hash():
             return out
         raise MoeclError(f"{out} exists but was trained on other data; move it away")
@@ -258,7 +294,7 @@ def evaluate_challenger(
     metrics = metrics_of(record)
     cl = metrics.as_dict()
     cl["stripping_rate"] = record.get("stripping_rate", {})
-    write_json_atomic(outputs.cl_json, cl)
+    write_json_atomic(outputs.cl_json, cl, what="the metrics")
     write_plots(metrics, outputs.plots_dir)
     return metrics
 
@@ -298,7 +334,7 @@ def gate_challenger(
         checks += check_behaviour(behaviour[0], behaviour[1], params.gate)
     checks += check_data_drift(drift if getattr(drift, "has_reference", False) else None, params.gate)
     decision = decide(checks)
-    write_json_atomic(outputs.gate_json, decision.to_dict())
+    write_json_atomic(outputs.gate_json, decision.to_dict(), what="the gate's decision")
     return decision
 
 
@@ -310,12 +346,38 @@ def stage_snapshot(params: Params, task: TaskData, data_hash: str) -> Path:
     """Copy a version's folder beside the snapshots under a hidden name BEFORE it is promoted, so that a run
     killed between promoting and installing the drift reference leaves the copy for `finish_snapshot`."""
     staged = _staged_snapshot(params, task.task_id, data_hash)
-    staged.parent.mkdir(parents=True, exist_ok=True)
     tmp = staged.parent / f".{task.task_id}.tmp-{uuid.uuid4().hex[:8]}"
-    shutil.copytree(task.path, tmp)
-    shutil.rmtree(staged, ignore_errors=True)  # left by a run killed before it promoted: copy again
-    os.rename(tmp, staged)
+    try:
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        _copy_folder(task.path, tmp)
+        shutil.rmtree(staged, ignore_errors=True)  # left by a run killed before it promoted: copy again
+        os.rename(tmp, staged)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(
+            staged, exc, f"the drift reference of {task.task_id}", "Nothing was kept; nothing was promoted."
+        ) from exc
     return staged
+
+
+def _copy_folder(src: Path, dst: Path) -> None:
+    """shutil.copytree, raising the first file's OSError itself (copytree folds them into one shutil.Error
+    whose errno is gone)."""
+    failures: list[OSError] = []
+
+    def copy(a, b):
+        try:
+            return shutil.copy2(a, b)
+        except OSError as exc:
+            failures.append(exc)
+            raise
+
+    try:
+        shutil.copytree(src, dst, copy_function=copy)
+    except shutil.Error:
+        if failures:
+            raise failures[0] from None
+        raise
 
 
 def install_snapshot(params: Params, task_id: str, staged: Path) -> None:
@@ -376,11 +438,28 @@ def record_decision(
     )
     if decision.promoted:
         staged = stage_snapshot(params, task, pending.data_hash)
-        registry.promote(record.version, reason="; ".join(decision.reasons))
+        try:
+            registry.promote(record.version, reason="; ".join(decision.reasons))
+        except BaseException:
+            _settle_staged(params, registry, record, staged)
+            raise
         install_snapshot(params, task.task_id, staged)
     else:
         registry.record_rejection(record.version, decision.reasons)
     return registry.get(record.version)
+
+
+def _settle_staged(params: Params, registry: Registry, record: VersionRecord, staged: Path) -> None:
+    """After a promotion that raised: if champion.json names the version anyway (only its event failed), its
+    drift reference is installed (renames only); otherwise the staged copy goes, nothing was promoted."""
+    try:
+        champion = registry.champion()
+    except MoeclError:
+        return  # unknown: the copy stays for finish_snapshot or the next stage_snapshot
+    if champion is not None and champion.version == record.version:
+        install_snapshot(params, record.task_id, staged)
+    else:
+        shutil.rmtree(staged, ignore_errors=True)
 
 
 # --- small pieces shared by process_version and the Prefect flow (flows/self_evolve.py) --------------------------
@@ -447,38 +526,43 @@ def process_version(
     flow_run_id: str | None = None,
     progress: bool = True,
 ) -> EvolveOutcome:
-    """Run the whole path for one dataset version. Invalid data raises before anything is written."""
+    """Run the whole path for one dataset version. Invalid data raises before anything is written; a champion
+    that fails its first check (`preflight`) raises IntegrityError, the version recorded as failed."""
     outputs = outputs or Outputs()
-    done = registry.processed(pending.task_id, pending.data_hash)
-    champion = registry.champion()
-    before = champion.version if champion else None
-    if done is not None:
-        return skipped_outcome(pending, done, before)
-    task = validate_version(params, pending)
-    known = known_task_ids(registry, champion)
-    others = load_other_tasks(params, known, exclude=task.task_id)
-    drift = drift_for_version(params, task, outputs)
-    replay = replay_tasks(params, known, exclude=task.task_id)
-    bank = train_challenger(
-        params,
-        task,
-        pending,
-        base=base,
-        registry=registry,
-        eval_tasks=others,
-        replay=replay,
-        progress=progress,
-    )
-    metrics = evaluate_challenger(params, bank, base, {**others, task.task_id: task}, outputs, progress)
-    behaviour = None
-    if champion is not None and others:
-        behaviour = (
-            canary_predictions(params, registry.bank_path(champion), base, others),
-            canary_predictions(params, bank, base, others),
+    with integrity_failure_recorded(registry, pending):
+        preflight(registry)
+        done = registry.processed(pending.task_id, pending.data_hash)
+        champion = registry.champion()
+        before = champion.version if champion else None
+        if done is not None:
+            return skipped_outcome(pending, done, before)
+        task = validate_version(params, pending)
+        known = known_task_ids(registry, champion)
+        others = load_other_tasks(params, known, exclude=task.task_id)
+        drift = drift_for_version(params, task, outputs)
+        replay = replay_tasks(params, known, exclude=task.task_id)
+        bank = train_challenger(
+            params,
+            task,
+            pending,
+            base=base,
+            registry=registry,
+            eval_tasks=others,
+            replay=replay,
+            progress=progress,
         )
-    decision = gate_challenger(params, task, metrics, champion, behaviour, drift, outputs)
-    record = record_decision(params, registry, task, pending, bank, metrics, decision, champion, flow_run_id)
-    return decided_outcome(pending, bank, metrics, decision, drift, record, before, registry)
+        metrics = evaluate_challenger(params, bank, base, {**others, task.task_id: task}, outputs, progress)
+        behaviour = None
+        if champion is not None and others:
+            behaviour = (
+                canary_predictions(params, registry.bank_path(champion), base, others),
+                canary_predictions(params, bank, base, others),
+            )
+        decision = gate_challenger(params, task, metrics, champion, behaviour, drift, outputs)
+        record = record_decision(
+            params, registry, task, pending, bank, metrics, decision, champion, flow_run_id
+        )
+        return decided_outcome(pending, bank, metrics, decision, drift, record, before, registry)
 
 
 class InvalidVersions(DataValidationError):

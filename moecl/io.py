@@ -2,11 +2,13 @@
 
 Each write goes to a hidden temporary file in the target's own folder (os.replace is atomic only within one
 file system), is flushed and fsynced, and then renamed over the target. On any error the temporary file is
-removed and the target is left as it was.
+removed and the target is left as it was; an OSError (a full disk: ENOSPC) becomes a WriteError that names
+what could not be written and where.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -15,6 +17,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from moecl.errors import WriteError
 
 
 def fsync_dir(folder: Path) -> None:
@@ -31,39 +35,68 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_error(target: str | os.PathLike, cause: OSError, what: str = "", after: str = "") -> WriteError:
+    """The WriteError for `cause` while writing `target` (`what` it is, e.g. "the champion pointer").
+    `after` replaces the default closing sentence (that `target` is as it was)."""
+    if isinstance(cause, WriteError):
+        return cause
+    reason = cause.strerror or str(cause) or type(cause).__name__
+    if cause.errno == errno.ENOSPC:
+        reason += " (the disk is full: free space there, then run again)"
+    label = f"{what} {target}" if what else str(target)
+    return WriteError(
+        cause.errno,
+        f"could not write {label}: {reason}. "
+        + (after or f"Nothing was half-written: {target} is as it was."),
+    )
+
+
 @contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, what: str = "") -> Iterator[Path]:
     """Yield a temporary path next to `path`; whatever the block writes there replaces `path` on success.
 
     For writers that want a file name rather than a file object (matplotlib's savefig, Evidently's
     save_html). The temporary name starts with a dot and ends in .tmp, so globs for the real name miss it.
+    An OSError raised meanwhile (ENOSPC...) becomes a WriteError naming `what` and `path`.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
         # mkstemp creates 0600; keep an existing file's mode, else the usual 0644.
         os.chmod(tmp, target.stat().st_mode & 0o7777 if target.exists() else 0o644)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        _remove(tmp)
+        raise write_error(target, exc, what) from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove(tmp)
         raise
     fsync_dir(target.parent)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_path(path) as tmp:
+def _remove(tmp: Path | None) -> None:
+    if tmp is not None:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: str = "") -> Path:
+    with atomic_path(path, what) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"))
+def write_text_atomic(path: str | os.PathLike, text: str, what: str = "") -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"), what)
 
 
 def json_safe(obj: Any) -> Any:
@@ -77,7 +110,7 @@ def json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> Path:
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2, what: str = "") -> Path:
     """Write `obj` as strict JSON (NaN -> null), UTF-8, with a trailing newline, atomically."""
     text = json.dumps(json_safe(obj), indent=indent, ensure_ascii=False, allow_nan=False)
-    return write_text_atomic(path, text + "\n")
+    return write_text_atomic(path, text + "\n", what)

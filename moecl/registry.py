@@ -7,12 +7,14 @@ Layout under the registry root (params `registry.root`, default `registry/`):
   flow_run_id) plus the evaluation metrics and the gate's verdict. The record is written to a temporary file,
   fsynced, then hard-linked to its final name: the link fails if the name exists, so two processes can never
   take the same id, and a reader never sees a half-written record.
-- `events.jsonl` - one JSON event per line (registered / promoted / rejected / rolled_back), each appended
-  with a single O_APPEND write and fsync. A version's status is derived from these events, never stored in
-  its record. A torn (unparsable) line left by a crash is ignored.
+- `events.jsonl` - one JSON event per line (registered / promoted / rejected / rolled_back, and failed: a
+  dataset version whose run was refused, e.g. for the reason "integrity"), each appended with O_APPEND writes
+  and fsync; a failed append (a full disk) takes its partial line back. A version's status is derived from
+  these events, never stored in its record. A torn (unparsable) line left by a crash is ignored.
 - `champion.json` - {"version": ..., "previous": [older champions, most recent first]}, replaced atomically
   with os.replace, so a crash leaves the old or the new champion, never a mix. Promotion and rollback hold an
-  advisory lock (`.lock`) so two of them cannot interleave.
+  advisory lock (`.lock`) so two of them cannot interleave. Both refuse a bank that fails verification
+  (moecl.integrity: every file's sha256): a corrupted bank never becomes the champion.
 
 `bank_dir` is stored relative to the project root (by default the registry root's parent) when the bank
 lies under it, so a project folder can move or be cloned.
@@ -35,14 +37,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from moecl.errors import MoeclError
-from moecl.io import fsync_dir, write_json_atomic
+from moecl.errors import IntegrityError, MoeclError, WriteError
+from moecl.integrity import verify_bank
+from moecl.io import fsync_dir, write_error, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 GTO_ARTIFACT = "moecl-bank"
 GTO_STAGE = "prod"
 STATUSES = ("candidate", "promoted", "rejected", "rolled_back")
+EVENTS = ("registered", "promoted", "rejected", "rolled_back", "failed")
 DONE_STATUSES = ("promoted", "rejected", "rolled_back")  # a dataset version that reached one was processed
 _VERSION_RE = re.compile(r"^v(\d+)$")
 
@@ -85,6 +89,11 @@ def normalize_version(version: str | int) -> str:
     return f"v{int(match.group(1)):04d}"
 
 
+def is_version_id(text: object) -> bool:
+    """Whether `text` is a version id as stored (e.g. "v0003")."""
+    return isinstance(text, str) and _VERSION_RE.match(text) is not None
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -120,6 +129,16 @@ def _write_temp(directory: Path, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return Path(tmp)
+
+
+def _take_back(fd: int, size: int, written: int) -> None:
+    """Cut a partial append off again (only if nothing else was appended after it)."""
+    try:
+        if written and os.fstat(fd).st_size == size + written:
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+    except OSError:
+        pass
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -218,22 +237,30 @@ class Registry:
             "flow_run_id": None if flow_run_id is None else str(flow_run_id),
         }
         _dumps(fields)  # fail on unserialisable lineage before anything is written
-        self.versions_dir.mkdir(parents=True, exist_ok=True)
         number = self._last_number() + 1
         while True:
             record = VersionRecord(version=f"v{number:04d}", **fields)
             stored = {k: v for k, v in record.to_dict().items() if k != "status"}
-            tmp = _write_temp(self.versions_dir, _dumps(stored) + "\n")
+            path = self._record_path(record.version)
             try:
-                os.link(tmp, self._record_path(record.version))  # fails if another process took this id
+                self.versions_dir.mkdir(parents=True, exist_ok=True)
+                tmp = _write_temp(self.versions_dir, _dumps(stored) + "\n")
+                try:
+                    os.link(tmp, path)  # fails if another process took this id
+                finally:
+                    tmp.unlink(missing_ok=True)
             except FileExistsError:
                 number = max(number + 1, self._last_number() + 1)
                 continue
-            finally:
-                tmp.unlink(missing_ok=True)
+            except OSError as exc:
+                raise write_error(path, exc, f"the registry record of {record.version}") from exc
             break
         fsync_dir(self.versions_dir)
-        self._append_event("registered", record.version)
+        try:
+            self._append_event("registered", record.version)
+        except WriteError:
+            path.unlink(missing_ok=True)  # unregistered again: the version id stays free, nothing changed
+            raise
         return record
 
     def record_rejection(self, version: str, reasons: list[str] | str | None = None) -> VersionRecord:
@@ -246,23 +273,48 @@ class Registry:
         record.status = "rejected"
         return record
 
+    def record_failure(self, task_id: str, data_version: str, reason: str, detail: str = "") -> None:
+        """Log that a run could not process a dataset version (`reason`, e.g. "integrity"). It stays pending:
+        a failure is not a decision, the next run tries the version again."""
+        self._append_event(
+            "failed", None, task_id=task_id, data_version=data_version, reason=reason, detail=detail
+        )
+
+    def failures(self, task_id: str | None = None, data_version: str | None = None) -> list[dict[str, Any]]:
+        """The `failed` events, oldest first (optionally of one task and dataset version)."""
+        return [
+            e
+            for e in self.history_events()
+            if e.get("event") == "failed"
+            and task_id in (None, e.get("task_id"))
+            and data_version in (None, e.get("data_version"))
+        ]
+
+    def verified_bank(self, record: VersionRecord, action: str) -> Path:
+        """The bank of `record`, checked file by file (IntegrityError, naming `action`, if it is not whole)."""
+        bank = self.bank_path(record)
+        if not bank.is_dir():
+            raise RegistryError(f"cannot {action} {record.version}: its bank {bank} is missing")
+        try:
+            verify_bank(bank)
+        except IntegrityError as exc:
+            raise IntegrityError(f"cannot {action} {record.version}: {exc}") from None
+        return bank
+
     def promote(self, version: str, reason: str = "") -> VersionRecord:
         """Make `version` the champion; the old champion heads the `previous` list."""
         record = self.get(version)
-        if not self.bank_path(record).is_dir():
-            raise RegistryError(
-                f"cannot promote {record.version}: its bank {self.bank_path(record)} is missing"
-            )
         if self._champion_state().get("version") == record.version:
             raise RegistryError(f"{record.version} is already the champion")
+        self.verified_bank(record, "promote")
         with self._lock():
             state = self._champion_state()
             old = state.get("version")
             if old == record.version:
                 raise RegistryError(f"{record.version} is already the champion")
             previous = [v for v in [old, *state.get("previous", [])] if v and v != record.version]
-            write_json_atomic(self.champion_path, {"version": record.version, "previous": previous})
-            self._append_event("promoted", record.version, reason=reason, replaced=old)
+            self._write_champion(record.version, previous)
+            self._append_after_champion("promoted", record.version, reason=reason, replaced=old)
         record.status = "promoted"
         if self.gto_mirror:
             self._mirror_to_gto(record, reason)
@@ -273,8 +325,8 @@ class Registry:
         self._rollback_plan()  # check before taking the lock, so a refused rollback writes nothing
         with self._lock():
             current, restored, rest = self._rollback_plan()
-            write_json_atomic(self.champion_path, {"version": restored.version, "previous": rest})
-            self._append_event("rolled_back", current, reason=reason, to=restored.version)
+            self._write_champion(restored.version, rest)
+            self._append_after_champion("rolled_back", current, reason=reason, to=restored.version)
         restored.status = "promoted"
         if self.gto_mirror:
             self._mirror_to_gto(restored, reason or f"rollback from {current}")
@@ -288,10 +340,7 @@ class Registry:
         if not previous:
             raise RegistryError(f"cannot roll back: {current} is the only champion there has been")
         restored = self.get(previous[0])
-        if not self.bank_path(restored).is_dir():
-            raise RegistryError(
-                f"cannot roll back to {restored.version}: its bank {restored.bank_dir} is missing"
-            )
+        self.verified_bank(restored, "roll back to")
         return current, restored, previous[1:]
 
     # -- reading -------------------------------------------------------------------------------------------
@@ -405,17 +454,43 @@ class Registry:
             raise RegistryError(f"{self.champion_path}: 'previous' must be a list")
         return state
 
-    def _append_event(self, kind: str, version: str, **details: Any) -> None:
+    def _write_champion(self, version: str, previous: list[str]) -> None:
+        state = {"version": version, "previous": previous}
+        write_json_atomic(self.champion_path, state, what="the champion pointer")
+
+    def _append_after_champion(self, kind: str, version: str, **details: Any) -> None:
+        """The event of a champion change that champion.json already holds: if it cannot be appended, the
+        change stands (champion.json is the truth) and the error says so."""
+        try:
+            self._append_event(kind, version, **details)
+        except WriteError as exc:
+            champion = self._champion_state().get("version")
+            raise WriteError(
+                exc.errno,
+                f"{exc} The champion is {champion} nonetheless ({self.champion_path} was replaced first); "
+                f"only the {kind!r} line of {version} is missing from the log.",
+            ) from exc
+
+    def _append_event(self, kind: str, version: str | None, **details: Any) -> None:
         event = {"event": kind, "version": version, "time": _now(), **details}
         data = (_dumps(event, indent=None) + "\n").encode("utf-8")
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise write_error(self.events_path, exc, "the decision log") from exc
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 data = b"\n" + data  # a crash left a torn line: start ours on a fresh one
-            os.write(fd, data)
-            os.fsync(fd)
+            written = 0
+            try:
+                while written < len(data):  # a full disk may take part of a write, then fail the rest
+                    written += os.write(fd, data[written:])
+                os.fsync(fd)
+            except OSError as exc:
+                _take_back(fd, size, written)
+                raise write_error(self.events_path, exc, f"the {kind!r} event to the decision log") from exc
         finally:
             os.close(fd)
 

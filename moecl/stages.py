@@ -1,6 +1,7 @@
 """DVC stages: `python -m moecl.stages <stage>`, one function each, over the same library path as the flows.
 
-    champion  -> pipeline/champion.json     the registry's champion (always re-read: it lives outside DVC)
+    champion  -> pipeline/champion.json     the registry's champion (always re-read: it lives outside DVC),
+                                            verified first (`moecl registry verify`: a corrupted one stops here)
     validate  -> metrics/validation.json    every task folder under data.root
     drift     -> reports/drift.html, metrics/drift.json
     train     -> pipeline/challenger/       one CL step from the champion's bank
@@ -50,14 +51,18 @@ def selected_version(params: Params):
     pending = pending_versions(params, _registry(params))
     if not pending:
         raise MoeclError(
-            f"no unprocessed dataset version under {params.data.root}: nothing to train "
-            "(land a new version, or set train.task to retrain one)"
+            f"no unprocessed dataset version under {params.data.root}: nothing to train. Add or change a "
+            "task folder and `dvc add data` (README: your own task, by hand), or retrain a task's current "
+            "version with `dvc exp run -S train.task=ID`"
         )
     return pending[0]
 
 
 def champion(params: Params) -> None:
+    from moecl.evolve import preflight
+
     registry = _registry(params)
+    preflight(registry)  # a champion that is not whole (hashes) stops `dvc repro` here, before any stage
     record = registry.champion()
     state = (
         {"version": record.version, "bank_dir": str(registry.bank_path(record))}

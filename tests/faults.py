@@ -1,5 +1,6 @@
 """Fault injection for tests/test_reliability.py: the library path (`evolve_pending`) in a separate process, with
-a fault installed in THAT process only. Not a test module.
+a fault installed in THAT process only; and a disk that fills up, in this process (`DiskFull`,
+tests/test_disk_full.py). Not a test module.
 
 The processes are forked by a multiprocessing "forkserver": a fresh interpreter that imports this module (and so
 torch, transformers, Evidently, matplotlib) once; each run is a fork of it, a separate process with its own pid
@@ -9,8 +10,10 @@ seconds on two busy cores). Nothing of the pytest process (threads, monkeypatche
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
@@ -162,3 +165,132 @@ def run(workspace: str, fault: str, log_path: str, result_path: str) -> None:
         },
     )
     print(f"pid {os.getpid()}: done", flush=True)
+
+
+# --- a full disk (in this process) ------------------------------------------------------------------------------------
+class DiskFull:
+    """A file system under `root` that fills up at the write `strike(what)` picks: that write stores half of its
+    bytes and fails with ENOSPC, as a full disk does (the kernel writes what fits; the next write fails).
+
+    Every way this process writes a file is covered while installed: open()/io.open (so Path.write_*, os.fdopen,
+    PIL, matplotlib, Evidently: the file object's write stores half, then raises), os.write (the registry's
+    appends: like the system call, a short write, then ENOSPC on the next call), and shutil's copies (its
+    sendfile fast path is switched off). `what` names a write by its final file, relative to root, whatever temporary name it goes
+    through (see `what_of`); `writes` lists every `what` in order of the first write (a run's census).
+    """
+
+    def __init__(self, root: Path, strike=None):
+        self.root = Path(root).resolve()
+        self.strike = strike or (lambda what: False)
+        self.writes: list[str] = []
+        self.struck: str | None = None
+
+    def _what(self, file) -> str | None:
+        try:
+            path = Path(os.readlink(f"/proc/self/fd/{file}")) if isinstance(file, int) else Path(file)
+            rel = path.resolve().relative_to(self.root)
+        except (OSError, ValueError, TypeError):
+            return None
+        return rel.as_posix()
+
+    def hit(self, rel: str, data) -> bool:
+        """Whether this write fails (at most one write does)."""
+        what = what_of(rel, data)
+        if what not in self.writes:
+            self.writes.append(what)
+        if self.struck is None and self.strike(what):
+            self.struck = what
+            return True
+        return False
+
+    @contextmanager
+    def installed(self):
+        import builtins
+        import io
+        import shutil
+
+        real_open, real_write, sendfile = io.open, os.write, shutil._USE_CP_SENDFILE
+        disk = self
+
+        def full_open(file, mode="r", *args, **kwargs):
+            handle = real_open(file, mode, *args, **kwargs)
+            rel = disk._what(file) if any(c in mode for c in "wax+") else None
+            return _FillingFile(handle, disk, rel) if rel else handle
+
+        full_fds: set[int] = set()
+
+        def full_write(fd, data):  # the system call: a short write, then ENOSPC on the next one
+            if fd in full_fds:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            rel = disk._what(fd)
+            if rel and disk.hit(rel, data):
+                full_fds.add(fd)
+                return real_write(fd, bytes(data)[: len(data) // 2])
+            return real_write(fd, data)
+
+        builtins.open = io.open = full_open
+        os.write, shutil._USE_CP_SENDFILE = full_write, False
+        try:
+            yield self
+        finally:
+            builtins.open = io.open = real_open
+            os.write, shutil._USE_CP_SENDFILE = real_write, sendfile
+
+
+class _FillingFile:
+    """A file object whose write may hit the full disk; everything else goes to the real one."""
+
+    def __init__(self, handle, disk: DiskFull, rel: str):
+        self._handle, self._disk, self._rel = handle, disk, rel
+
+    def write(self, data):
+        if self._disk.hit(self._rel, data):
+            self._handle.write(data[: len(data) // 2])
+            try:
+                self._handle.flush()
+            except OSError:
+                pass
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._handle.write(data)
+
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __iter__(self):
+        return iter(self._handle)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self._handle.__exit__(*exc)
+
+
+_ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\.[A-Za-z0-9_]{8}\.tmp$")  # moecl.io.atomic_path's temporary name
+_FOLDER_TMP = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")  # a bank or snapshot folder being written
+_EVENT = re.compile(rb'"event": "(\w+)"')
+
+
+def what_of(rel: str, data) -> str:
+    """The write's final file, with placeholders for names that vary between runs: `<new bank>` (a bank being
+    written), `<bank>` (an existing one), `<record>` (a registry record), `<staged copy>/*` (a task folder copied
+    as the drift reference); an event appended to the decision log is named with its kind."""
+    parts = rel.split("/")
+    if parts[0] == "banks" and len(parts) > 2:
+        parts[1] = "<new bank>" if _FOLDER_TMP.match(parts[1]) else "<bank>"
+    if parts[:2] == ["registry", "versions"]:
+        parts[2:] = ["<record>"]
+    if parts[:2] == ["registry", "snapshots"] and len(parts) > 3:
+        parts[2:] = ["<staged copy>", "*"]
+    match = _ATOMIC_TMP.match(parts[-1])
+    if match:
+        parts[-1] = match["name"]
+    what = "/".join(parts)
+    if what == "registry/events.jsonl":
+        kind = _EVENT.search(data if isinstance(data, (bytes, bytearray)) else str(data).encode())
+        what += f" ({kind.group(1).decode() if kind else '?'})"
+    return what

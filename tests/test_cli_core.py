@@ -94,3 +94,124 @@ def test_bad_inputs_give_clear_errors_and_write_nothing(project, capsys):
     assert main(["-S", f"model.name_or_path={other}", "eval", "--bank", "banks/b1"]) == 2
     assert "built on base model" in capsys.readouterr().err
     assert snapshot() == before
+
+
+# --- the hand-driven line: `moecl step` continues it, `moecl eval` / `moecl predict` find it -------------------
+def _step(capsys, *argv):
+    assert main(["step", *argv, "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    return json.loads(out), err
+
+
+def test_two_steps_without_flags_continue_one_line_and_eval_and_predict_find_it(project, capsys):
+    """No --bank, no champion: the first step starts a bank, the second continues it (the first task's expert
+    byte-identical in both), `moecl eval` and `moecl predict` take that newest bank and say so; --new starts
+    afresh."""
+    capsys.readouterr()
+    first, err = _step(capsys, "--task", "topics")
+    assert first["parent"] is None and "starting a new bank" in err
+    second, err = _step(capsys, "--task", "sentiment")
+    assert second["parent"] == first["bank"] and second["bank"] != first["bank"]
+    assert f"continuing from {first['bank']}, the newest bank `moecl step` wrote" in err
+    assert filecmp.cmp(
+        project / first["bank"] / "expert-topics.safetensors",
+        project / second["bank"] / "expert-topics.safetensors",
+        shallow=False,
+    )
+
+    assert main(["eval", "--json", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["metrics"]["order"] == ["topics", "sentiment"]
+    assert f"eval: {second['bank']}, the newest bank `moecl step` wrote (no champion" in err
+
+    assert main(["predict", "--task", "topics", "match goal team"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["label"] in ("sports", "business", "science")
+    assert f"predict: {second['bank']}" in err
+
+    fresh, err = _step(capsys, "--task", "sentiment", "--new")
+    assert fresh["parent"] is None and "starting a new bank (--new)" in err
+    from moecl.bank import read_manifest
+
+    assert [t["task_id"] for t in read_manifest(project / fresh["bank"])["tasks"]] == ["sentiment"]
+    with pytest.raises(SystemExit):  # one or the other
+        main(["step", "--task", "topics", "--new", "--bank", first["bank"]])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_the_champion_comes_first_for_eval_and_after_the_step_line_for_step(project, capsys):
+    from moecl.config import load_params
+    from moecl.registry import Registry
+    from moecl.step_line import last_step_path
+
+    params = load_params("params.yaml")
+    capsys.readouterr()
+    first, _ = _step(capsys, "--task", "topics", "--out", "banks/b1")
+    registry = Registry.from_params(params)
+    registry.promote(registry.register("banks/b1", task_id="topics").version)
+    last_step_path(params).unlink()  # a workspace whose champion came from the flow: no `moecl step` yet
+
+    second, err = _step(capsys, "--task", "sentiment")
+    assert second["parent"] == str(project / "banks/b1")
+    assert f"continuing from the champion v0001 ({project / 'banks/b1'})" in err
+
+    assert main(["eval", "--json", "--quiet"]) == 0  # the champion, not the newer step bank
+    out, err = capsys.readouterr()
+    assert json.loads(out)["metrics"]["order"] == ["topics"]
+    assert "eval: the champion v0001" in err and f"the newest `moecl step` bank is {second['bank']}" in err
+
+    # the champion does not know sentiment; the newest step bank does: predict takes it, and says why
+    assert main(["predict", "--task", "sentiment", "great lovely"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["label"] in ("positive", "negative")
+    assert "the champion v0001 does not know task 'sentiment'" in err
+
+    third, err = _step(
+        capsys, "--task", "topics"
+    )  # the line continues from the step's bank, not the champion
+    assert third["parent"] == second["bank"]
+
+
+def test_without_a_bank_to_use_the_errors_name_a_next_step_that_works(project, capsys):
+    capsys.readouterr()
+    assert main(["eval"]) == 2
+    err = capsys.readouterr().err
+    assert "no champion" in err and "`moecl step --task sentiment`" in err and "--bank DIR" in err
+
+    (project / "banks").mkdir()
+    (project / "banks" / "last-step.json").write_text('{"bank": "banks/gone"}')
+    for argv in (["eval"], ["step", "--task", "topics"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "banks/gone (recorded in banks/last-step.json), is missing" in err and "--bank DIR" in err
+    assert "--new" in err
+    (project / "banks" / "last-step.json").write_text("{not json")
+    assert main(["eval"]) == 2
+    assert "banks/last-step.json: cannot read" in capsys.readouterr().err
+
+
+# --- --params and -S before or after the command ---------------------------------------------------------------
+def test_params_and_set_are_accepted_before_and_after_the_command(project, capsys, two_tasks):
+    from moecl.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["-S", "a.b=1", "--params", "p1.yaml", "data", "-S", "c.d=2", "validate", "-S", "e.f=3"]
+    )
+    assert args.overrides == ["a.b=1", "c.d=2", "e.f=3"] and args.params == "p1.yaml"
+    assert build_parser().parse_args(["step", "--task", "t", "--params", "p2.yaml"]).params == "p2.yaml"
+    assert build_parser().parse_args(["eval"]).params == "params.yaml"
+
+    write_task_folder(project / "other", two_tasks[0])
+    capsys.readouterr()
+    assert main(["data", "validate", "-S", "data.root=other", "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)) == ["other/topics"]
+    # before and after together: both apply (the root from before, the record cap from after)
+    assert main(["-S", "data.root=other", "data", "validate", "-S", "data.max_records=3"]) == 1
+    assert "other/topics/train.jsonl" in capsys.readouterr().out
+    (project / "other.yaml").write_text("data:\n  root: other\n")
+    assert main(["data", "validate", "--params", "other.yaml", "--json"]) == 0
+    assert list(json.loads(capsys.readouterr().out)) == ["other/topics"]
+
+    assert main(["step", "--task", "topics", "-S", "train.lrr=1"]) == 2
+    assert "train.lrr is not a known key" in capsys.readouterr().err
+    assert not (project / "banks").exists()

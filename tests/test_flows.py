@@ -111,8 +111,37 @@ def test_run_record_history_row_and_table():
     failed = art.history_row({**run, "state": "Failed", "state_message": "invalid data"}, None)
     assert failed["decision"] is None and failed["reasons"] == "invalid data"
     text = art.format_history([row, failed])
-    assert "reject" in text and "+0.700" not in text and "-0.200" in text and "v0001 -> v0001" in text
-    assert text.splitlines()[0].split()[:3] == ["when", "task", "version"]
+    assert "Rejected" in text and "+0.700" not in text and "-0.200" in text and "v0001 -> v0001" in text
+    assert "forgetting: topics dropped 0.200 > 0.050" in text  # why, the state message's words
+    assert text.splitlines()[0].split() == [
+        "when",
+        "task",
+        "version",
+        "state",
+        "ACC",
+        "BWT",
+        "champion",
+        "why",
+    ]
+    named = art.format_history([{**row, "state": "Rejected"}])
+    assert named.splitlines()[1].split()[4] == "Rejected"
+    crashed = art.format_history([{**row, "state": "Crashed", "decision": None}])
+    assert crashed.splitlines()[1].split()[4] == "Crashed"
+
+
+def test_decision_state_names_and_messages():
+    assert [
+        art.decision_state_name(d) for d in ("promote", "reject", "skipped", "superseded", "invalid")
+    ] == [
+        "Promoted",
+        "Rejected",
+        "Skipped",
+        "Superseded",
+        "Invalid data",
+    ]
+    assert art.decision_message(["a", "b"]) == "a; b" and art.decision_message([]) == "(no reason given)"
+    long = art.decision_message("x" * 2000)
+    assert len(long) == art.STATE_MESSAGE_CHARS and long.endswith("...")
 
 
 def test_invalid_and_batch_markdown():
@@ -297,7 +326,7 @@ def test_self_evolve_flow_promotes_rejects_skips_and_refuses_invalid_data(
         write_task_folder(tmp_path / "data" / "tasks", two_tasks[1])  # any challenger "forgets" against -0.5:
         second = self_evolve(overrides=["gate.max_task_drop=-0.5"])
         assert [(r["task_id"], r["decision"], r["state"]) for r in second] == [
-            ("sentiment", "reject", "Completed")
+            ("sentiment", "reject", "Rejected")
         ]
         assert registry.champion().version == "v0001"
         assert (tmp_path / "registry" / "champion.json").read_bytes() == champion_file
@@ -321,7 +350,7 @@ def test_self_evolve_flow_promotes_rejects_skips_and_refuses_invalid_data(
         state = self_evolve(task_id="broken", return_state=True)
         assert state.is_failed() and "broken@" in state.message
         failed = state.result(raise_on_failure=False)
-        assert isinstance(failed, VersionsFailed) and failed.results[0]["state"] == "Failed"
+        assert isinstance(failed, VersionsFailed) and failed.results[0]["state"] == "Invalid data"
         assert "train.jsonl:2: label" in failed.results[0]["message"]
         assert {
             p.name: p.read_bytes() for p in (tmp_path / "registry").rglob("*") if p.is_file()
@@ -329,10 +358,22 @@ def test_self_evolve_flow_promotes_rejects_skips_and_refuses_invalid_data(
 
     with get_client(sync_client=True) as client:
         runs = _flow_runs(client, VERSION_FLOW)
-        assert [r.state.name for r in runs] == ["Completed"] * 4 + ["Failed"]
-        promote_run, reject_run, _, _, invalid_run = runs
+        # each version's run ends in a state named after its decision, of the Completed type (invalid: Failed)
+        assert [(r.state.name, r.state.type.value) for r in runs] == [
+            ("Promoted", "COMPLETED"),
+            ("Rejected", "COMPLETED"),
+            ("Skipped", "COMPLETED"),
+            ("Superseded", "COMPLETED"),
+            ("Invalid data", "FAILED"),
+        ]
+        promote_run, reject_run, skip_run, superseded_run, invalid_run = runs
         assert promote_run.name == f"topics@{first[0]['data_version'][:10]}"
         assert registry.get("v0001").flow_run_id == str(promote_run.id)
+        # the state message is the reason
+        assert reject_run.state.message == "; ".join(registry.get("v0002").gate["reasons"])
+        assert "forgetting" in reject_run.state.message
+        assert skip_run.state.message == "already processed as v0002"
+        assert "the workspace holds" in superseded_run.state.message
         assert (
             "invalid data" in invalid_run.state.message
             and "train.jsonl:2: label" in invalid_run.state.message
@@ -365,16 +406,25 @@ def test_self_evolve_flow_promotes_rejects_skips_and_refuses_invalid_data(
     assert main(["history", "--json", "--limit", "10"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["task_id"], r["decision"], r["state"]) for r in rows] == [
-        ("broken", "invalid", "Failed"),
-        ("topics", "superseded", "Completed"),
-        ("sentiment", "skipped", "Completed"),
-        ("sentiment", "reject", "Completed"),
-        ("topics", "promote", "Completed"),
+        ("broken", "invalid", "Invalid data"),
+        ("topics", "superseded", "Superseded"),
+        ("sentiment", "skipped", "Skipped"),
+        ("sentiment", "reject", "Rejected"),
+        ("topics", "promote", "Promoted"),
     ]
     assert rows[3]["champion_before"] == rows[3]["champion_after"] == "v0001" and rows[3]["acc"] is not None
     assert rows[4]["champion_before"] is None and rows[4]["champion_after"] == "v0001"
+    assert rows[3]["reasons"] == reject_run.state.message  # the same words as the Prefect state
     assert main(["history"]) == 0
-    assert "promote" in capsys.readouterr().out
+    table = capsys.readouterr().out.splitlines()
+    assert [line.split()[4] for line in table[1:]] == [
+        "Invalid",
+        "Superseded",
+        "Skipped",
+        "Rejected",
+        "Promoted",
+    ]
+    assert reject_run.state.message[:40] in table[4]
 
 
 # --- a real local server, the served deployments and an event ----------------------------------------------------

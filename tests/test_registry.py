@@ -17,9 +17,14 @@ from moecl.registry import Registry, RegistryError, normalize_version
 
 
 def _bank(root: Path, name: str) -> Path:
+    """A bank folder with a whole (sealed) manifest and no tensor files: enough for the registry."""
+    from moecl.integrity import seal
+
     bank = root / "banks" / name
     bank.mkdir(parents=True)
-    (bank / "bank.json").write_text("{}")
+    manifest = {"base_model": {"name": "none", "sha256": "0" * 64}, "method": {}, "lora": {}}
+    manifest.update(tasks=[], shared=None, steps=[], lineage={})
+    (bank / "bank.json").write_text(json.dumps(seal(manifest)))
     return bank
 
 

@@ -14,20 +14,16 @@ def _params(args):
     return load_params(args.params, args.overrides)
 
 
-def resolve_bank(params, bank: str | None) -> Path:
-    """The bank given on the command line, else the registry's champion."""
-    from moecl.errors import BankError
-
+def resolve_bank(params, bank: str | None, command: str = "eval", task_id: str | None = None) -> Path:
+    """The bank given on the command line, else the registry's champion, else the newest bank `moecl step`
+    wrote (moecl.step_line.default_bank); says on stderr which one it took when it was not given."""
     if bank:
         return Path(bank)
-    from moecl.registry import Registry
+    from moecl.step_line import default_bank
 
-    champion = Registry.from_params(params).champion_bank()
-    if champion is None:
-        raise BankError(
-            "no --bank given and the registry has no champion yet (run `moecl step` or `moecl evolve`)"
-        )
-    return Path(champion)
+    choice = default_bank(params, task_id)
+    print(f"{command}: {choice.why}", file=sys.stderr)
+    return choice.bank
 
 
 def load_tasks(params, task_ids) -> dict:
@@ -40,7 +36,11 @@ def load_tasks(params, task_ids) -> dict:
     for task_id in task_ids:
         folder = root / task_id
         if not folder.is_dir():
-            raise UnknownTaskError(f"no task folder {folder} (data.root is {root})")
+            present = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+            raise UnknownTaskError(
+                f"no task folder {folder} (data.root is {root}; tasks there: {', '.join(present) or 'none'}): "
+                "write one (docs/data.md) or import one with `moecl data import`, then `moecl data validate`"
+            )
         tasks[task_id] = load_task(folder, params.data)
     return tasks
 
@@ -56,12 +56,16 @@ def _next_bank_dir(params, task_id: str) -> Path:
 
 
 def cmd_step(args) -> int:
-    from moecl.bank import read_manifest
+    from moecl.bank import verify_bank
     from moecl.model.base import base_from_params
+    from moecl.step_line import record_step, step_parent
     from moecl.train.launch import launch_step
 
     params = _params(args)
-    known = [t["task_id"] for t in read_manifest(args.bank)["tasks"]] if args.bank else []
+    parent = step_parent(params, bank=args.bank, new=args.new)
+    print(f"step: {parent.why}", file=sys.stderr)
+    # a corrupted parent is refused before anything is loaded
+    known = [t["task_id"] for t in verify_bank(parent.bank)["tasks"]] if parent.bank else []
     # every task is validated before anything is loaded or written
     tasks = load_tasks(params, list(dict.fromkeys(known + [args.task])))
     task = tasks.pop(args.task)
@@ -70,7 +74,7 @@ def cmd_step(args) -> int:
     result = launch_step(
         params,
         args.task,
-        args.bank,
+        parent.bank,
         out,
         task=task,
         base=base,
@@ -78,8 +82,10 @@ def cmd_step(args) -> int:
         eval_tasks=tasks,
         replay_tasks=tasks if params.method.replay_per_task > 0 else None,  # the known tasks' folders
     )
+    record_step(params, result.bank_dir, result.task_id, parent.bank)
     summary = {
         "bank": str(result.bank_dir),
+        "parent": None if parent.bank is None else str(parent.bank),
         "task": result.task_id,
         "new_task": result.new_task,
         "losses": result.losses._asdict() if result.losses else None,
@@ -112,13 +118,13 @@ def format_matrix(metrics: dict) -> str:
 
 
 def cmd_eval(args) -> int:
-    from moecl.bank import read_manifest
+    from moecl.bank import verify_bank
     from moecl.evaluate import evaluate_bank
     from moecl.model.base import base_from_params
 
     params = _params(args)
-    bank = resolve_bank(params, args.bank)
-    manifest = read_manifest(bank)
+    bank = resolve_bank(params, args.bank, "eval")
+    manifest = verify_bank(bank)  # a corrupted bank is refused before anything is loaded
     tasks = load_tasks(params, [t["task_id"] for t in manifest["tasks"]])
     record = evaluate_bank(bank, base_from_params(params.model), tasks, params, progress=not args.quiet)
     if args.out:
@@ -159,18 +165,46 @@ def _read_texts(args) -> list[str]:
     return texts
 
 
+def _unknown_task_hint(params, task_id: str) -> str:
+    """A next step for a task the bank does not know: promote its registered version, or train it."""
+    from moecl.registry import Registry
+
+    registry = Registry.from_params(params)
+    versions = [r for r in registry.list_versions() if r.task_id == task_id]
+    if versions:
+        newest = versions[-1]
+        if newest.status == "rejected":
+            why = "; ".join((newest.gate or {}).get("reasons") or []) or "see its record"
+            return (
+                f"its newest version {newest.version} was rejected ({why}): `moecl registry show "
+                f"{newest.version}` has the details, `moecl promote {newest.version}` makes it the champion anyway"
+            )
+        return (
+            f"its newest version {newest.version} is {newest.status}: "
+            f"`moecl promote {newest.version}` makes it the champion, or pass --bank DIR"
+        )
+    if (Path(params.data.root) / task_id).is_dir():
+        return (
+            f"train it: `dvc repro` then `python -m moecl.stages promote`, or `moecl step --task {task_id}`"
+        )
+    return (
+        f"there is no task folder {Path(params.data.root) / task_id} either (README: your own task, by hand)"
+    )
+
+
 def cmd_predict(args) -> int:
-    from moecl.bank import load_bank, read_manifest
+    from moecl.bank import load_bank, verify_bank
     from moecl.errors import MoeclError, UnknownTaskError
     from moecl.model.base import base_from_params, preferred_device
     from moecl.model.inference import predict
 
     params = _params(args)
-    bank = resolve_bank(params, args.bank)
-    known = [t["task_id"] for t in read_manifest(bank)["tasks"]]
+    bank = resolve_bank(params, args.bank, "predict", args.task)
+    known = [t["task_id"] for t in verify_bank(bank)["tasks"]]  # a corrupted bank is refused here
     if args.task not in known:  # checked before the model is loaded
         raise UnknownTaskError(
-            f"unknown task {args.task!r}: the bank {bank} knows {', '.join(known) or 'none'}"
+            f"unknown task {args.task!r}: the bank {bank} knows {', '.join(known) or 'none'}; "
+            + _unknown_task_hint(params, args.task)
         )
     texts = _read_texts(args)
     if not texts:
@@ -195,13 +229,20 @@ def cmd_predict(args) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("step", help="train one continual-learning step on a task into a new bank")
     p.add_argument("--task", required=True, help="task id (a folder under params data.root)")
-    p.add_argument("--bank", help="parent bank to start from (default: start a new bank)")
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--bank",
+        help="parent bank to start from (default: the newest bank `moecl step` wrote, else the champion)",
+    )
+    start.add_argument("--new", action="store_true", help="start a new bank, from no parent")
     p.add_argument("--out", help="new bank directory (default: <registry.banks_dir>/<n>-<task>)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_step)
 
     p = sub.add_parser("eval", help="evaluate a bank on every task it knows: the matrix, ACC, BWT, FWT")
-    p.add_argument("--bank", help="bank directory (default: the registry's champion)")
+    p.add_argument(
+        "--bank", help="bank directory (default: the champion, else the newest bank `moecl step` wrote)"
+    )
     p.add_argument("--out", help="also write the metrics JSON here")
     p.add_argument("--json", action="store_true", help="print the full evaluation record as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -209,6 +250,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("predict", help="predict labels for texts (arguments, or JSON lines on stdin)")
     p.add_argument("--task", required=True, help="task id known to the bank")
-    p.add_argument("--bank", help="bank directory (default: the registry's champion)")
+    p.add_argument(
+        "--bank", help="bank directory (default: the champion, else the newest bank `moecl step` wrote)"
+    )
     p.add_argument("texts", nargs="*", help="texts to classify (default: read JSON lines from stdin)")
     p.set_defaults(handler=cmd_predict)

@@ -1,4 +1,5 @@
-"""`moecl data validate | import | demo`: check task folders, import sources, write the demo stream."""
+"""`moecl data validate | import | pull | demo`: check task folders, import sources, bring a DVC data version in
+whole, write the demo stream."""
 
 from __future__ import annotations
 
@@ -50,6 +51,18 @@ def register(subparsers) -> None:
     imp.add_argument("--train-split", default="train", help="hf: the train split name")
     imp.add_argument("--test-split", default="test", help="hf: the test split name (if absent: split off)")
     imp.set_defaults(handler=_import)
+
+    pull = sub.add_parser(
+        "pull",
+        help="fetch the data version a DVC file names; check it out only if the remote had all of it",
+    )
+    pull.add_argument(
+        "--dvc-file", default="data.dvc", help="the DVC file that tracks the data (default: data.dvc)"
+    )
+    pull.add_argument(
+        "--remote", default=None, help="DVC remote to fetch from (default: the project's default)"
+    )
+    pull.set_defaults(handler=_pull)
 
     demo = sub.add_parser("demo", help="write the embedded demo stream's landings (offline sources)")
     demo.add_argument("--dest", default=None, help="data root to write into (default: params data.root)")
@@ -146,4 +159,12 @@ def _demo(args: argparse.Namespace) -> int:
     for i, landing in enumerate(landings[:upto], start=1):
         path = landing.write(dest, params.data)
         print(f"[{i}/{len(landings)}] {landing.task_id} {landing.version}: {landing.description} -> {path}")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from moecl.data.remote import pull_data
+
+    pulled = pull_data(_params(args), args.dvc_file, args.remote)
+    print(f"data version {pulled.md5}: {pulled.files} file(s) in {pulled.path}")
     return 0

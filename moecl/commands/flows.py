@@ -69,7 +69,7 @@ def cmd_evolve(args) -> int:
         if not rows:
             print(state.message if state.is_failed() else "nothing to do: no pending dataset version")
         for r in rows:
-            what = r.get("decision") or f"{r['state']}: {r.get('message') or ''}".strip()
+            what = f"{r['state']}: {r.get('message') or ''}".strip().rstrip(":")  # e.g. Rejected: <reason>
             champion = (
                 f"  champion {r.get('champion_before') or 'none'} -> {r.get('champion_after') or 'none'}"
             )

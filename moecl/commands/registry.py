@@ -1,4 +1,5 @@
-"""`moecl registry list|show`, `moecl promote VERSION`, `moecl rollback`: the champion and its challengers."""
+"""`moecl registry list|show|verify`, `moecl promote VERSION`, `moecl rollback`: the champion and its
+challengers."""
 
 from __future__ import annotations
 
@@ -17,6 +18,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     show = reg_sub.add_parser("show", help="one version's full record and its events, as JSON")
     show.add_argument("version", help="e.g. v0003 (or 3)")
     show.set_defaults(handler=_show)
+
+    verify = reg_sub.add_parser(
+        "verify",
+        help="check the registry: files, hashes, manifests, the champion pointer, the decision log",
+        description="Lists every problem, one line each naming its file; exits 1 if there is any.",
+    )
+    verify.add_argument(
+        "--all", action="store_true", help="hash every bank's files (default: the champion's only)"
+    )
+    verify.set_defaults(handler=_verify)
 
     promote = subparsers.add_parser("promote", help="make a registered bank version the champion")
     promote.add_argument("version", help="e.g. v0003 (or 3)")
@@ -96,4 +107,24 @@ def _promote(args) -> int:
 def _rollback(args) -> int:
     record = _registry(args).rollback(reason=args.reason)
     print(f"rolled back: the champion is {record.version} again (bank {record.bank_dir})")
+    return 0
+
+
+def _verify(args) -> int:
+    import sys
+
+    from moecl.registry_verify import verify_registry
+
+    registry = _registry(args)
+    problems = verify_registry(registry, all_banks=args.all)
+    for problem in problems:
+        print(problem)
+    champion = registry.champion_path
+    scope = "every bank hashed" if args.all else "the champion's bank hashed; --all hashes every bank"
+    if problems:
+        print(f"{len(problems)} problem(s) in {registry.root} ({scope})", file=sys.stderr)
+        return 1
+    count = len(list(registry.versions_dir.glob("v*.json"))) if registry.versions_dir.is_dir() else 0
+    state = "a champion" if champion.exists() else "no champion yet"
+    print(f"{registry.root}: ok ({count} version(s), {state}; {scope})")
     return 0
