@@ -103,82 +103,24 @@ def workspace(params: Params) -> Iterator[None]:
 
 
 # --- the stages as tasks (NO_CACHE: never hash models or datasets) ------------------------------------------------
-@task(name="load-base", **STAGE, **IO_RETRIES)
-def load_base(params: Params):
+# Retried where a second try can help (reading files); never training, evaluation or recording a decision.
+STAGE_RETRIES: dict[str, dict[str, Any]] = {
+    name: IO_RETRIES for name in ("validate", "load-base", "load-known-tasks", "drift", "load-replay")
+}
+
+
+def prefect_stage(name: str, fn, *args, **kwargs):
+    """evolve.process_version's stage runner in a flow: each stage runs as a Prefect task named after it."""
+    return task(fn, name=name, **STAGE, **STAGE_RETRIES.get(name, {}))(*args, **kwargs)
+
+
+def resolve_base(params: Params):
+    """The backbone of params `model:` (or the one a test injected)."""
     if _base_override is not None:
         return _base_override
     from moecl.model.base import base_from_params
 
     return base_from_params(params.model)
-
-
-@task(name="verify-registry", **STAGE)
-def verify_registry(registry: Registry) -> int:
-    """The run's first check (hashes only): IntegrityError for a champion that is not whole; other problems
-    are logged. Returns how many problems were found."""
-    return len(evolve.preflight(registry))
-
-
-@task(name="validate", **STAGE, **IO_RETRIES)
-def validate(params: Params, pending: evolve.PendingVersion):
-    return evolve.validate_version(params, pending)
-
-
-@task(name="load-known-tasks", **STAGE, **IO_RETRIES)
-def load_known_tasks(params: Params, registry: Registry, champion, exclude: str) -> dict:
-    return evolve.load_other_tasks(params, evolve.known_task_ids(registry, champion), exclude=exclude)
-
-
-@task(name="drift", **STAGE, **IO_RETRIES)
-def drift(params: Params, task_data, outputs: evolve.Outputs):
-    return evolve.drift_for_version(params, task_data, outputs)
-
-
-@task(name="train", **STAGE, retries=0)  # never retried: a failed step is looked at, not rerun
-def train(params: Params, task_data, pending: evolve.PendingVersion, base, registry: Registry, others: dict):
-    replay = evolve.replay_tasks(params, list(others), exclude=task_data.task_id)
-    return evolve.train_challenger(
-        params,
-        task_data,
-        pending,
-        base=base,
-        registry=registry,
-        eval_tasks=others,
-        replay=replay,
-        progress=True,
-    )
-
-
-@task(name="evaluate", **STAGE)
-def evaluate(params: Params, bank, base, tasks: dict, outputs: evolve.Outputs):
-    return evolve.evaluate_challenger(params, bank, base, tasks, outputs, progress=True)
-
-
-@task(name="canaries", **STAGE)
-def canaries(params: Params, bank, base, tasks: dict) -> list:
-    return evolve.canary_predictions(params, bank, base, tasks)
-
-
-@task(name="gate", **STAGE)
-def gate(params: Params, task_data, metrics, champion, behaviour, drift_result, outputs: evolve.Outputs):
-    return evolve.gate_challenger(params, task_data, metrics, champion, behaviour, drift_result, outputs)
-
-
-@task(name="record-decision", **STAGE)  # never retried: a second try would register twice
-def record(
-    params: Params,
-    registry: Registry,
-    task_data,
-    pending,
-    bank,
-    metrics,
-    decision,
-    champion,
-    run_id: str | None,
-):
-    return evolve.record_decision(
-        params, registry, task_data, pending, bank, metrics, decision, champion, run_id
-    )
 
 
 @task(name="publish-artifacts", **STAGE, retries=1, retry_delay_seconds=2)
@@ -242,32 +184,6 @@ def _version_run_name() -> str:
     return f"{p.get('task_id')}@{art.short(p.get('data_version'))}"
 
 
-def _process(params: Params, pending: evolve.PendingVersion, registry: Registry, outputs: evolve.Outputs):
-    """The stages in order: the same path as moecl.evolve.process_version, one Prefect task per stage."""
-    verify_registry(registry)
-    champion = registry.champion()
-    before = champion.version if champion else None
-    done = registry.processed(pending.task_id, pending.data_hash)
-    if done is not None:
-        return evolve.skipped_outcome(pending, done, before), None
-    task_data = validate(params, pending)
-    base = load_base(params)
-    others = load_known_tasks(params, registry, champion, exclude=task_data.task_id)
-    drift_result = drift(params, task_data, outputs)
-    bank = train(params, task_data, pending, base, registry, others)
-    metrics = evaluate(params, bank, base, {**others, task_data.task_id: task_data}, outputs)
-    behaviour = None
-    if champion is not None and others:
-        behaviour = (
-            canaries(params, registry.bank_path(champion), base, others),
-            canaries(params, bank, base, others),
-        )
-    decision = gate(params, task_data, metrics, champion, behaviour, drift_result, outputs)
-    rec = record(params, registry, task_data, pending, bank, metrics, decision, champion, flow_run.id)
-    outcome = evolve.decided_outcome(pending, bank, metrics, decision, drift_result, rec, before, registry)
-    return outcome, (champion.metrics or {}).get("per_task") if champion else None
-
-
 @flow(name=VERSION_FLOW, flow_run_name=_version_run_name, log_prints=True)
 def process_dataset_version(
     task_id: str,
@@ -282,8 +198,8 @@ def process_dataset_version(
     with workspace(params):
         # hashed under the lock: a run that waited for another one sees the folder as it is now
         pending = evolve.version_for(params, task_id)
-        if data_version and pending.data_hash != data_version:
-            reason = f"the workspace holds {pending.data_hash}, processed by its own run"
+        reason = evolve.superseded_by(pending, data_version)
+        if reason:
             logger.warning("%s@%s: superseded: %s", task_id, art.short(data_version), reason)
             markdown = art.superseded_markdown(task_id, data_version, pending.data_hash)
             publish_note(task_id, data_version, "superseded", markdown, reason)
@@ -298,9 +214,18 @@ def process_dataset_version(
                 message=art.decision_message([reason]),
                 data=result,
             )
-        try:
-            with evolve.integrity_failure_recorded(registry, pending):  # a corrupted champion: "integrity"
-                outcome, champion_per_task = _process(params, pending, registry, evolve.Outputs())
+        champion = registry.champion()
+        champion_per_task = (champion.metrics or {}).get("per_task") if champion else None
+        try:  # the library's sequence, one Prefect task per stage; a corrupted champion is recorded "integrity"
+            outcome = evolve.process_version(
+                params,
+                pending,
+                base=lambda: resolve_base(params),
+                registry=registry,
+                outputs=evolve.Outputs(),
+                flow_run_id=flow_run.id,
+                run_stage=prefect_stage,
+            )
         except DataValidationError as exc:
             logger.error("%s", exc)
             markdown = art.invalid_markdown(task_id, pending.data_hash, str(exc))

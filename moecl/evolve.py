@@ -22,10 +22,11 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 from moecl.config import Params
 from moecl.data.task import TaskData
@@ -516,32 +517,54 @@ def decided_outcome(
 
 
 # --- all of it --------------------------------------------------------------------------------------------------
+def superseded_by(pending: PendingVersion, data_version: str | None) -> str | None:
+    """Why a run asked to process `data_version` does not: the task's folder now holds another version (landed
+    since; its own run processes it). None when the folder holds the version asked for, or none was named."""
+    if data_version and pending.data_hash != data_version:
+        return f"the workspace holds {pending.data_hash}, processed by its own run"
+    return None
+
+
+def call_stage(name: str, fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """How `process_version` runs a stage by default: it calls it. The Prefect flow passes a runner that makes
+    each stage a task of its own (with its retries), so the flow and the library run one sequence."""
+    return fn(*args, **kwargs)
+
+
 def process_version(
     params: Params,
     pending: PendingVersion,
     *,
-    base: BaseSpec,
+    base: BaseSpec | Callable[[], BaseSpec],
     registry: Registry,
     outputs: Outputs | None = None,
     flow_run_id: str | None = None,
     progress: bool = True,
+    run_stage: Callable[..., Any] = call_stage,
 ) -> EvolveOutcome:
-    """Run the whole path for one dataset version. Invalid data raises before anything is written; a champion
-    that fails its first check (`preflight`) raises IntegrityError, the version recorded as failed."""
+    """Run the whole path for one dataset version, each stage through `run_stage(name, fn, *args)`.
+
+    `base`: the backbone, or a function that resolves it (called, as the "load-base" stage, only once the
+    version is valid). Invalid data raises before anything is written; a champion that fails its first check
+    (`preflight`) raises IntegrityError, the version recorded as failed."""
     outputs = outputs or Outputs()
     with integrity_failure_recorded(registry, pending):
-        preflight(registry)
+        run_stage("verify-registry", preflight, registry)
         done = registry.processed(pending.task_id, pending.data_hash)
         champion = registry.champion()
         before = champion.version if champion else None
         if done is not None:
             return skipped_outcome(pending, done, before)
-        task = validate_version(params, pending)
+        task = run_stage("validate", validate_version, params, pending)
+        if not isinstance(base, BaseSpec):
+            base = run_stage("load-base", base)
         known = known_task_ids(registry, champion)
-        others = load_other_tasks(params, known, exclude=task.task_id)
-        drift = drift_for_version(params, task, outputs)
-        replay = replay_tasks(params, known, exclude=task.task_id)
-        bank = train_challenger(
+        others = run_stage("load-known-tasks", load_other_tasks, params, known, task.task_id)
+        drift = run_stage("drift", drift_for_version, params, task, outputs)
+        replay = run_stage("load-replay", replay_tasks, params, known, task.task_id)
+        bank = run_stage(
+            "train",
+            train_challenger,
             params,
             task,
             pending,
@@ -551,16 +574,29 @@ def process_version(
             replay=replay,
             progress=progress,
         )
-        metrics = evaluate_challenger(params, bank, base, {**others, task.task_id: task}, outputs, progress)
+        tasks = {**others, task.task_id: task}
+        metrics = run_stage("evaluate", evaluate_challenger, params, bank, base, tasks, outputs, progress)
         behaviour = None
         if champion is not None and others:
             behaviour = (
-                canary_predictions(params, registry.bank_path(champion), base, others),
-                canary_predictions(params, bank, base, others),
+                run_stage("canaries", canary_predictions, params, registry.bank_path(champion), base, others),
+                run_stage("canaries", canary_predictions, params, bank, base, others),
             )
-        decision = gate_challenger(params, task, metrics, champion, behaviour, drift, outputs)
-        record = record_decision(
-            params, registry, task, pending, bank, metrics, decision, champion, flow_run_id
+        decision = run_stage(
+            "gate", gate_challenger, params, task, metrics, champion, behaviour, drift, outputs
+        )
+        record = run_stage(
+            "record-decision",
+            record_decision,
+            params,
+            registry,
+            task,
+            pending,
+            bank,
+            metrics,
+            decision,
+            champion,
+            flow_run_id,
         )
         return decided_outcome(pending, bank, metrics, decision, drift, record, before, registry)
 

@@ -265,7 +265,19 @@ def test_retries_are_for_io_errors_only():
     assert se._io_error(None, None, state(OSError("disk"))) is True
     assert se._io_error(None, None, state(DataValidationError([]))) is False
     assert se._io_error(None, None, state(ValueError("bug"))) is False
-    assert se.train.retries == 0 and se.record.retries == 0 and se.validate.retries == 2
+    # each stage of evolve.process_version becomes a task with its own retries: I/O stages retried, never the
+    # step, the evaluation or the recording of a decision
+    seen = {}
+
+    def task_options(fn, name, **options):
+        seen[name] = options.get("retries", 0)
+        return fn
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(se, "task", task_options)
+        for name in ("validate", "load-base", "train", "evaluate", "record-decision"):
+            se.prefect_stage(name, lambda: None)
+    assert seen == {"validate": 2, "load-base": 2, "train": 0, "evaluate": 0, "record-decision": 0}
 
 
 # --- the whole flow under a Prefect test harness ----------------------------------------------------------------
