@@ -423,30 +423,3 @@ def _rest(path: Path) -> str:
     return (
         f"{expected}, found {found} ({path.stat().st_size} bytes; the file is corrupted or truncated) (v0001)"
     )
-
-
-def test_the_on_call_guide_and_the_readme_cover_these_faults():
-    root = Path(__file__).resolve().parents[1]
-    guide = (root / "docs" / "operations.md").read_text()
-    for heading in (
-        "## The champion is corrupted",
-        "## The disk filled up",
-        "## A DVC remote lacks a version's data",
-    ):
-        assert heading in guide, heading
-    assert "moecl rollback" in guide.split("## The champion is corrupted")[1].split("\n## ")[0]
-    readme = (root / "README.md").read_text().split("## What happens when...")[1].split("\n## ")[0]
-    for fault in (
-        "A bank is corrupted",
-        "The disk fills up",
-        "The Prefect server goes away",
-        "A DVC remote lacks",
-    ):
-        assert fault in readme, fault
-    for test_file in (
-        "test_integrity.py",
-        "test_disk_full.py",
-        "test_prefect_outage.py",
-        "test_data_remote.py",
-    ):
-        assert test_file in readme and (root / "tests" / test_file).is_file(), test_file

@@ -1015,19 +1015,3 @@ def test_discriminator_memory_keeps_token_ids_of_texts_only_when_enabled(tiny_ba
         rows = f.get_tensor("memory.input_ids").tolist()
     assert len(rows) == 2
     assert all(MARK in tiny_tok.decode([i for i in row if i >= 0]) for row in rows)
-
-
-def test_operations_doc_covers_the_on_call_questions():
-    text = (ROOT / "docs" / "operations.md").read_text()
-    for needle in (
-        "bad data",
-        "killed",
-        "promotion",
-        "two triggers",
-        "burst",
-        "server is down",
-        "moecl rollback",
-        "logs",
-        "memory_per_task",
-    ):
-        assert needle in text.lower() or needle in text, needle
