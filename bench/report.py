@@ -14,6 +14,7 @@ import torch
 from bench.presets import METHODS
 from bench.routing import format_share
 from bench.variants import parse_variant
+from moecl.io import write_text_atomic
 from moecl.metrics import paired_acc_difference
 
 # ---------------------------------------------------------------------------------------------- facts
@@ -213,9 +214,7 @@ def write_results(out_dir: Path, name: str, result: dict) -> tuple[Path, Path]:
     paths = (out_dir / f"{name}.json", out_dir / f"{name}.md")
     texts = (json.dumps(result, indent=2, sort_keys=False, default=str), markdown(result))
     for path, text in zip(paths, texts):
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, text)
     return paths
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -67,12 +66,6 @@ def use_running_server(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> st
         os.environ["PREFECT_API_URL"] = url
         return url
     return None
-
-
-def free_port(host: str = DEFAULT_HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass

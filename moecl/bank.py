@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,21 +39,13 @@ from moecl.integrity import (
     seal,
     verify_bank,
 )
-from moecl.io import fsync_dir, write_error
+from moecl.io import fsync_dir, git_revision, write_error
 from moecl.model.base import BaseSpec
 from moecl.model.moecl_model import MoECLModel, TaskInfo
 
 
 def task_file(task_id: str) -> str:
     return f"expert-{task_id}.safetensors"
-
-
-def code_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 @dataclass
@@ -258,7 +249,7 @@ def save_bank(
             "lineage": {
                 "parent": str(parent_dir) if parent_dir else None,
                 "trained_task": trained_task,
-                "code_revision": code_revision(),
+                "code_revision": git_revision(),
                 **lineage,
             },
             "train": train_summary or {},

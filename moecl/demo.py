@@ -185,7 +185,8 @@ def print_table(rows: list[dict]) -> None:
 
 def start_prefect_server():
     """One local Prefect server (127.0.0.1) for the whole demo, so each flow run does not start its own."""
-    from flows.server import free_port, prefect_environment, start_server, use_running_server
+    from flows.server import prefect_environment, start_server, use_running_server
+    from moecl.io import free_port
 
     prefect_environment(WORKSPACE)
     if os.environ.get("PREFECT_API_URL") or use_running_server():

@@ -17,11 +17,8 @@ was being written is removed, and the next run picks up from there like after a 
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -38,7 +35,7 @@ from moecl.data.validate import (
     task_id_issues,
 )
 from moecl.errors import IntegrityError, MoeclError
-from moecl.io import write_error, write_json_atomic
+from moecl.io import copy_folder_atomic, file_lock, install_folder, write_json_atomic
 from moecl.metrics import ContinualMetrics
 from moecl.model.base import BaseSpec, preferred_device
 from moecl.registry import Registry, VersionRecord
@@ -130,14 +127,8 @@ def version_for(params: Params, task_id: str) -> PendingVersion:
 @contextmanager
 def evolution_lock(params: Params) -> Iterator[None]:
     """One self-evolution step at a time per workspace (blocks until the previous one ends)."""
-    root = Path(params.registry.root)
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / ".evolve.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(Path(params.registry.root) / ".evolve.lock"):
+        yield
 
 
 # --- the stages -----------------------------------------------------------------------------------------------
@@ -347,48 +338,15 @@ def stage_snapshot(params: Params, task: TaskData, data_hash: str) -> Path:
     """Copy a version's folder beside the snapshots under a hidden name BEFORE it is promoted, so that a run
     killed between promoting and installing the drift reference leaves the copy for `finish_snapshot`."""
     staged = _staged_snapshot(params, task.task_id, data_hash)
-    tmp = staged.parent / f".{task.task_id}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        _copy_folder(task.path, tmp)
-        shutil.rmtree(staged, ignore_errors=True)  # left by a run killed before it promoted: copy again
-        os.rename(tmp, staged)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(
-            staged, exc, f"the drift reference of {task.task_id}", "Nothing was kept; nothing was promoted."
-        ) from exc
-    return staged
-
-
-def _copy_folder(src: Path, dst: Path) -> None:
-    """shutil.copytree, raising the first file's OSError itself (copytree folds them into one shutil.Error
-    whose errno is gone)."""
-    failures: list[OSError] = []
-
-    def copy(a, b):
-        try:
-            return shutil.copy2(a, b)
-        except OSError as exc:
-            failures.append(exc)
-            raise
-
-    try:
-        shutil.copytree(src, dst, copy_function=copy)
-    except shutil.Error:
-        if failures:
-            raise failures[0] from None
-        raise
+    # (a copy left by a run killed before it promoted is replaced)
+    return copy_folder_atomic(
+        task.path, staged, f"the drift reference of {task.task_id}", "Nothing was kept; nothing was promoted."
+    )
 
 
 def install_snapshot(params: Params, task_id: str, staged: Path) -> None:
     """Make a staged copy the task's drift reference (an atomic swap of the snapshot folder)."""
-    dest = snapshot_dir(params, task_id)
-    old = dest.parent / f".{task_id}.old-{uuid.uuid4().hex[:8]}"
-    if dest.exists():
-        os.rename(dest, old)
-    os.rename(staged, dest)
-    shutil.rmtree(old, ignore_errors=True)
+    install_folder(staged, snapshot_dir(params, task_id))
 
 
 def finish_snapshot(params: Params) -> None:

@@ -1,9 +1,11 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never a half-written one.
+"""The project's file-system and process helpers, each in one place: atomic file and folder writes, a file lock,
+the git revision, a free port.
 
-Each write goes to a hidden temporary file in the target's own folder (os.replace is atomic only within one
-file system), is flushed and fsynced, and then renamed over the target. On any error the temporary file is
-removed and the target is left as it was; an OSError (a full disk: ENOSPC) becomes a WriteError that names
-what could not be written and where.
+Atomic writes: a reader sees the old file or the whole new one, never a half-written one. Each write goes to a
+hidden temporary file in the target's own folder (os.replace is atomic only within one file system), is
+flushed and fsynced, and then renamed over the target. On any error the temporary file is removed and the
+target is left as it was; an OSError (a full disk: ENOSPC) becomes a WriteError that names what could not be
+written and where. Folders are written beside their target under a hidden name and renamed into place.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import errno
 import json
 import math
 import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,3 +118,103 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2, wha
     """Write `obj` as strict JSON (NaN -> null), UTF-8, with a trailing newline, atomically."""
     text = json.dumps(json_safe(obj), indent=indent, ensure_ascii=False, allow_nan=False)
     return write_text_atomic(path, text + "\n", what)
+
+
+# --- folders ------------------------------------------------------------------------------------------------------
+def temp_folder_beside(dest: Path) -> Path:
+    """A new, hidden, empty folder next to dest (same file system, so a rename into place is atomic)."""
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def install_folder(tmp: Path, dest: Path) -> None:
+    """Move a finished folder into place: a rename when dest is absent, else old away, new in, old deleted."""
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        os.replace(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def copy_folder_atomic(src: Path, dest: Path, what: str = "", after: str = "") -> Path:
+    """Copy the folder `src` to `dest` so that dest appears whole or not at all (a copy beside it, then
+    `install_folder`). An OSError (a full disk) removes the copy and raises a WriteError naming dest."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        _copy_tree(Path(src), tmp)
+        install_folder(tmp, dest)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(dest, exc, what, after) from exc
+    return dest
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """shutil.copytree, raising the first file's OSError itself (copytree folds them into one shutil.Error
+    whose errno is gone)."""
+    failures: list[OSError] = []
+
+    def copy(a, b):
+        try:
+            return shutil.copy2(a, b)
+        except OSError as exc:
+            failures.append(exc)
+            raise
+
+    try:
+        shutil.copytree(src, dst, copy_function=copy)
+    except shutil.Error:
+        if failures:
+            raise failures[0] from None
+        raise
+
+
+# --- the process's surroundings -----------------------------------------------------------------------------------
+@contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if absent), blocking until it is free; the OS releases it
+    if the holder dies. Without fcntl (Windows) there is no lock: single-writer use only."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            import fcntl
+        except ImportError:
+            fcntl = None
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def git_revision(cwd: str | os.PathLike | None = None) -> str | None:
+    """The commit checked out in `cwd` (default: the working directory), or None outside a git repository."""
+    import subprocess
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on now (for a local server or a distributed launch)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import re
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +38,7 @@ from typing import Any
 
 from moecl.errors import IntegrityError, MoeclError, WriteError
 from moecl.integrity import verify_bank
-from moecl.io import fsync_dir, write_error, write_json_atomic
+from moecl.io import file_lock, fsync_dir, git_revision, write_error, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +150,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _git_revision(cwd: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 class Registry:
     def __init__(self, root: str | Path, project_root: str | Path | None = None, gto_mirror: bool = False):
         self.root = Path(root)
@@ -231,7 +220,7 @@ class Registry:
             "data_version": data_version,
             "data_hashes": dict(data_hashes or {}),
             "params": params or {},
-            "code_revision": code_revision or _git_revision(self.project_root),
+            "code_revision": code_revision or git_revision(self.project_root),
             "metrics": metrics or {},
             "gate": gate or {},
             "flow_run_id": None if flow_run_id is None else str(flow_run_id),
@@ -497,18 +486,8 @@ class Registry:
     @contextmanager
     def _lock(self) -> Iterator[None]:
         """An advisory lock around champion changes (released by the OS if the holder dies)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            try:
-                import fcntl
-
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except ImportError:  # no fcntl (Windows): single-writer use only
-                pass
+        with file_lock(self.root / ".lock"):
             yield
-        finally:
-            os.close(fd)
 
     def _mirror_to_gto(self, record: VersionRecord, reason: str) -> None:
         """Best effort: assign GTO stage `prod` of artifact `moecl-bank` to the commit that built `record`.
@@ -516,7 +495,7 @@ class Registry:
         GTO versions are per git commit (GTO registers one on first assignment), so several registry
         versions built from one commit share a GTO version; the tag message names the registry version.
         """
-        if _git_revision(self.project_root) is None:
+        if git_revision(self.project_root) is None:
             log.warning("gto mirror skipped: %s is not a git repository with commits", self.project_root)
             return
         message = f"moecl {record.version}" + (f": {reason}" if reason else "")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from moecl.config import Params, load_params
 from moecl.errors import MoeclError
-from moecl.io import write_json_atomic
+from moecl.io import copy_folder_atomic, write_json_atomic
 
 CHAMPION_JSON = Path("pipeline/champion.json")
 CHALLENGER = Path("pipeline/challenger")
@@ -216,10 +216,7 @@ def promote(params: Params) -> None:
         return
     dest = Path(params.registry.banks_dir) / f"{task_id}-{pending.data_hash[:10]}-pipeline"
     if not dest.exists():
-        tmp = dest.parent / f".{dest.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(CHALLENGER, tmp)
-        tmp.rename(dest)
+        copy_folder_atomic(CHALLENGER, dest, "the challenger bank's registry copy")
     record = record_decision(
         params,
         registry,

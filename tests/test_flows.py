@@ -468,8 +468,9 @@ def test_served_deployment_runs_when_a_dataset_lands(tmp_path, tiny_tok, two_tas
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.server import api_url, free_port, healthy
+    from flows.server import api_url, healthy
     from moecl.data.validate import task_folder_hash
+    from moecl.io import free_port
     from moecl.testing import tiny_llama
 
     model_dir = tmp_path / "tiny-model"

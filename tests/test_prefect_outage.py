@@ -117,7 +117,8 @@ def _run_child(ws: Path, env: dict, fault: str, log: Path, timeout: float = 420)
 
 @pytest.mark.slow
 def test_the_prefect_api_going_away_mid_run_loses_no_version_and_processes_none_twice(ws, tmp_path):
-    from flows.server import free_port, start_server
+    from flows.server import start_server
+    from moecl.io import free_port
 
     version = task_folder_hash(land(ws, _sentiment()))
     champion_file = ws / "registry" / "champion.json"

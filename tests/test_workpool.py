@@ -105,8 +105,9 @@ def test_worker_of_a_process_pool_runs_the_triggered_deployment(tmp_path, tiny_t
     )
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from flows.server import free_port, healthy, start_server
+    from flows.server import healthy, start_server
     from moecl.data.validate import task_folder_hash
+    from moecl.io import free_port
     from moecl.testing import tiny_llama
 
     t0 = time.monotonic()

@@ -12,7 +12,6 @@ import json
 import os
 import random
 import shutil
-import uuid
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -28,6 +27,7 @@ from moecl.data.validate import (
     validate_task_folder,
 )
 from moecl.errors import MoeclError
+from moecl.io import install_folder, temp_folder_beside
 
 
 class SourceError(MoeclError):
@@ -146,28 +146,6 @@ def _task_yaml(labels: Sequence[str], instruction: str, description: str, positi
     if positive_label is not None:
         meta["positive_label"] = positive_label
     return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True, width=1000)
-
-
-def temp_folder_beside(dest: Path) -> Path:
-    """A new, hidden, empty folder next to dest (same file system, so a rename into place is atomic)."""
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    return tmp
-
-
-def install_folder(tmp: Path, dest: Path) -> None:
-    """Move a finished folder into place: os.replace when dest is absent, else old away, new in, old deleted."""
-    if not dest.exists():
-        os.replace(tmp, dest)
-        return
-    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(dest, old)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        os.replace(old, dest)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_task(

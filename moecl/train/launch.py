@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 from moecl.config import Params
 from moecl.data.task import TaskData
 from moecl.errors import BankError, MoeclError
+from moecl.io import free_port
 from moecl.model.base import BaseSpec
 from moecl.train.loop import StepLosses, TrainOutcome
 from moecl.train.step import StepResult, run_step
@@ -51,12 +51,6 @@ def _task_folder(task: TaskData | None, task_id: str, params: Params) -> Path:
     return Path(task.path)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch_command(params: Params, worker_args: list[str], port: int | None = None) -> list[str]:
     """The `accelerate launch` command line of a step on this machine (one node)."""
     n = params.train.processes
@@ -75,7 +69,7 @@ def launch_command(params: Params, worker_args: list[str], port: int | None = No
     ]
     if n > 1:
         # N local processes through torch.distributed.run: one per GPU, or gloo processes on a CPU-only machine
-        cmd += ["--multi_gpu", "--main_process_port", str(port or _free_port())]
+        cmd += ["--multi_gpu", "--main_process_port", str(port or free_port())]
     return cmd + ["-m", "moecl.train.worker", *worker_args]
 
 
