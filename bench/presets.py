@@ -32,7 +32,7 @@ ABLATION = (
     "moecl_paper+shared_lr",
     "moecl_paper+gate_bias",
     "moecl_paper+task_gates",
-    "moecl_paper+gate_bias+task_gates",
+    "moecl_paper+warm",
     "moecl_paper+orth",
     "moecl_paper+memory",
     "moecl_paper+replay",
