@@ -35,8 +35,8 @@ def parameter_groups(bank: Path) -> dict[str, dict[str, torch.Tensor]]:
     for name, tensor in load_file(bank / SHARED_FILE).items():
         match = _GROUP.match(name)
         groups.setdefault(match.group(1) if match else "other", {})[name] = tensor
-    for task in read_manifest(bank)["tasks"]:
-        groups[f"expert {task['task_id']}"] = load_file(bank / task["file"])
+    for task in read_manifest(bank).tasks:
+        groups[f"expert {task.task_id}"] = load_file(bank / task.file)
     return groups
 
 

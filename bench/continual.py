@@ -17,7 +17,7 @@ from pathlib import Path
 from bench.params import method_params
 from bench.variants import parse_variant
 from moecl.data.task import TaskData
-from moecl.evaluate import evaluate_bank, metrics_of
+from moecl.evaluate import evaluate_bank
 from moecl.model.base import BaseSpec
 from moecl.train.step import run_step
 
@@ -84,7 +84,7 @@ def run_continual(
     if run_dir.exists():
         shutil.rmtree(run_dir)
     started = time.perf_counter()
-    parent, record, steps = None, None, []
+    parent, evaluation, steps = None, None, []
     share_zero_shot = mode == "instruction" and zero_shot_cache is not None
     for i, task_id in enumerate(order):
         bank = run_dir / f"{i}-{task_id}"
@@ -105,7 +105,9 @@ def run_continual(
         t1 = time.perf_counter()
         last = i == len(order) - 1
         seen = {t: tasks[t] for t in order[: i + 1]}
-        record = evaluate_bank(bank, base, seen, params, progress=progress, only=None if last else [task_id])
+        evaluation = evaluate_bank(
+            bank, base, seen, params, progress=progress, only=None if last else [task_id]
+        )
         t2 = time.perf_counter()
         losses = result.losses._asdict() if result.losses else None
         steps.append(
@@ -122,7 +124,7 @@ def run_continual(
             }
         )
         parent = bank
-    metrics = metrics_of(record).as_dict()
+    metrics = evaluation.metrics.as_dict()
     seconds = time.perf_counter() - started  # training and evaluation; the routing probe is not timed
     routing = {}
     if params.method.uses_gate:
@@ -140,7 +142,7 @@ def run_continual(
         metrics,
         steps,
         seconds,
-        record.get("correct", {}),
+        evaluation.correct,
         routing,
         params.train.seed,
     )

@@ -91,12 +91,12 @@ def summary_markdown(outcome: dict[str, Any]) -> str:
     decision = outcome.get("decision", "?")
     metrics = outcome.get("metrics") or {}
     lines = [
-        f"# {outcome.get('task_id')}@{short(outcome.get('data_hash'))}: {decision.upper()}",
+        f"# {outcome.get('task_id')}@{short(outcome.get('data_version'))}: {decision.upper()}",
         "",
         "| | |",
         "|---|---|",
         f"| task | `{outcome.get('task_id')}` |",
-        f"| data version | `{outcome.get('data_hash')}` |",
+        f"| data version | `{outcome.get('data_version')}` |",
         f"| decision | **{decision}** |",
         f"| challenger | {outcome.get('version') or 'none'} |",
         f"| champion | {outcome.get('champion_before') or 'none'} -> {outcome.get('champion_after') or 'none'} |",
@@ -192,7 +192,7 @@ def run_record(outcome: dict[str, Any]) -> dict[str, Any]:
     metrics = outcome.get("metrics") or {}
     return {
         "task_id": outcome.get("task_id"),
-        "data_version": outcome.get("data_hash"),
+        "data_version": outcome.get("data_version"),
         "decision": outcome.get("decision"),
         "version": outcome.get("version"),
         "acc": metrics.get("acc"),

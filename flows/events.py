@@ -44,7 +44,7 @@ def landed_events(
                     "prefect.resource.id": f"{RESOURCE_PREFIX}{p.task_id}",
                     "prefect.resource.name": p.task_id,
                 },
-                "payload": {"task_id": p.task_id, "data_version": p.data_hash, "data_dvc_md5": md5},
+                "payload": {"task_id": p.task_id, "data_version": p.data_version, "data_dvc_md5": md5},
             }
         )
     return events

@@ -128,7 +128,7 @@ def publish_artifacts(outcome: dict, champion_per_task: dict | None) -> None:
     create_markdown_artifact(
         art.summary_markdown(outcome),
         key=art.KEY_SUMMARY,
-        description=f"{outcome['task_id']}@{art.short(outcome['data_hash'])}",
+        description=f"{outcome['task_id']}@{art.short(outcome['data_version'])}",
     )
     create_table_artifact(
         [art.run_record(outcome)], key=art.KEY_RECORD, description="read by `moecl history`"
@@ -164,7 +164,7 @@ def publish_note(task_id: str, data_version: str, decision: str, markdown: str, 
         markdown, key=art.KEY_SUMMARY, description=f"{task_id}@{art.short(data_version)}: {decision}"
     )
     row = art.run_record(
-        {"task_id": task_id, "data_hash": data_version, "decision": decision, "reasons": [reason]}
+        {"task_id": task_id, "data_version": data_version, "decision": decision, "reasons": [reason]}
     )
     create_table_artifact([row], key=art.KEY_RECORD, description="read by `moecl history`")
 
@@ -173,9 +173,9 @@ def publish_note(task_id: str, data_version: str, decision: str, markdown: str, 
 def find_versions(params: Params, task_id: str | None, data_version: str | None) -> list[tuple[str, str]]:
     """(task_id, data_version) pairs to process, in landing order."""
     if task_id:
-        return [(task_id, data_version or evolve.version_for(params, task_id).data_hash)]
+        return [(task_id, data_version or evolve.version_for(params, task_id).data_version)]
     pending = evolve.pending_versions(params, Registry.from_params(params))
-    return [(p.task_id, p.data_hash) for p in pending if data_version in (None, p.data_hash)]
+    return [(p.task_id, p.data_version) for p in pending if data_version in (None, p.data_version)]
 
 
 # --- one dataset version ------------------------------------------------------------------------------------------
@@ -201,11 +201,11 @@ def process_dataset_version(
         reason = evolve.superseded_by(pending, data_version)
         if reason:
             logger.warning("%s@%s: superseded: %s", task_id, art.short(data_version), reason)
-            markdown = art.superseded_markdown(task_id, data_version, pending.data_hash)
+            markdown = art.superseded_markdown(task_id, data_version, pending.data_version)
             publish_note(task_id, data_version, "superseded", markdown, reason)
             result = {
                 "task_id": task_id,
-                "data_hash": data_version,
+                "data_version": data_version,
                 "decision": "superseded",
                 "reasons": [reason],
             }
@@ -228,15 +228,15 @@ def process_dataset_version(
             )
         except DataValidationError as exc:
             logger.error("%s", exc)
-            markdown = art.invalid_markdown(task_id, pending.data_hash, str(exc))
-            publish_note(task_id, pending.data_hash, "invalid", markdown, str(exc))
+            markdown = art.invalid_markdown(task_id, pending.data_version, str(exc))
+            publish_note(task_id, pending.data_version, "invalid", markdown, str(exc))
             # still a failure (the version goes nowhere), named for what it is
             return Failed(name=art.decision_state_name("invalid"), message=f"invalid data: {exc}")
     result = outcome.to_dict()
     logger.info(
         "%s@%s: %s (%s); champion %s -> %s",
         task_id,
-        art.short(pending.data_hash),
+        art.short(pending.data_version),
         outcome.decision,
         "; ".join(outcome.reasons),
         outcome.champion_before,

@@ -1,7 +1,8 @@
 """The expert bank on disk: the model artifact.
 
     <bank>/bank.json                   manifest: base model + hash, method, LoRA settings, tasks (labels, mode,
-                                       data hash), step history, lineage (parent, params, code revision)
+                                       content hash of their data), step history, lineage (parent, params,
+                                       code revision); read typed, as moecl.manifest.BankManifest
     <bank>/shared.safetensors          the shared expert, the gates and the discriminators (every step changes it)
     <bank>/expert-<task>.safetensors   one task's dedicated expert, head and discriminator memory
     <bank>/evaluation.json             written once by evaluation (the accuracy matrix up to this bank, and which
@@ -35,11 +36,12 @@ from moecl.integrity import (
     MANIFEST,
     SHARED_FILE,
     file_sha256,
-    parse_manifest,
+    read_manifest,
     seal,
     verify_bank,
 )
 from moecl.io import fsync_dir, git_revision, write_error
+from moecl.manifest import CONTENT_HASH_KEY, BankManifest
 from moecl.model.base import BaseSpec
 from moecl.model.moecl_model import MoECLModel, TaskInfo
 
@@ -52,13 +54,8 @@ def task_file(task_id: str) -> str:
 class LoadedBank:
     model: MoECLModel
     tokenizer: object
-    manifest: dict
+    manifest: BankManifest
     memory: dict[str, list[list[int]]]
-
-
-def read_manifest(bank_dir: str | Path) -> dict:
-    """bank.json, checked against its schema and its own checksum (IntegrityError if it fails)."""
-    return parse_manifest(bank_dir)
 
 
 def read_evaluation(bank_dir: str | Path) -> dict | None:
@@ -92,11 +89,11 @@ def _assign(params: dict[str, torch.nn.Parameter], tensors: dict[str, torch.Tens
             p.copy_(tensors[name].to(p.dtype))
 
 
-def check_base(bank_dir: str | Path, manifest: dict, base: BaseSpec) -> None:
-    recorded = manifest["base_model"]
-    if recorded["sha256"] != base.sha256:
+def check_base(bank_dir: str | Path, manifest: BankManifest, base: BaseSpec) -> None:
+    recorded = manifest.base_model
+    if recorded.sha256 != base.sha256:
         raise BankError(
-            f"{bank_dir}: this bank was built on base model {recorded['name']!r} (sha256 {recorded['sha256'][:12]}), "
+            f"{bank_dir}: this bank was built on base model {recorded.name!r} (sha256 {recorded.sha256[:12]}), "
             f"not on {base.name!r} (sha256 {base.sha256[:12]}); load it with its own base model"
         )
 
@@ -109,21 +106,17 @@ def load_bank(bank_dir: str | Path, base: BaseSpec, device=None) -> LoadedBank:
     bank_dir = Path(bank_dir)
     manifest = verify_bank(bank_dir)
     check_base(bank_dir, manifest, base)
-    lora = LoraSettings(**manifest["lora"])
-    method = MethodConfig.from_manifest(manifest["method"])
+    # copies: the model owns its settings, the manifest stays as read
+    lora, method = dataclasses.replace(manifest.lora), dataclasses.replace(manifest.method)
     model, tokenizer = new_model(base, lora, method)
     memory: dict[str, list[list[int]]] = {}
-    for entry in manifest["tasks"]:
-        model.add_task(
-            TaskInfo(
-                entry["task_id"], entry["labels"], entry.get("instruction", ""), entry.get("positive_label")
-            )
-        )
-        path = bank_dir / entry["file"]
+    for entry in manifest.tasks:
+        model.add_task(TaskInfo(entry.task_id, list(entry.labels), entry.instruction, entry.positive_label))
+        path = bank_dir / entry.file
         tensors = _load_tensors(path)
-        _assign(model.task_parameters(entry["task_id"]), tensors, path)
+        _assign(model.task_parameters(entry.task_id), tensors, path)
         if "memory.input_ids" in tensors:
-            memory[entry["task_id"]] = [
+            memory[entry.task_id] = [
                 [i for i in row if i >= 0] for row in tensors["memory.input_ids"].tolist()
             ]
     shared = model.shared_parameters()
@@ -189,12 +182,13 @@ def save_bank(
 ) -> Path:
     """Write a new bank directory atomically. Tasks other than `trained_task` reuse the parent's files.
 
+    `lineage` goes into the manifest's lineage; its "data_hash" (TaskData.content_hash() of the trained data,
+    the key bank.json has always used) is also recorded on the trained task's entry.
     An OSError (a full disk) raises a WriteError naming the bank and the file; nothing of the bank remains."""
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise BankError(f"{out_dir}: already exists; banks are immutable, choose a new directory")
-    parent_manifest = read_manifest(parent_dir) if parent_dir else None
-    parent_files = {t["task_id"]: t for t in (parent_manifest or {}).get("tasks", [])}
+    parent_files = {t.task_id: t for t in read_manifest(parent_dir).tasks} if parent_dir else {}
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     writing = tmp
     try:
@@ -207,7 +201,7 @@ def save_bank(
             reuse = info.task_id != trained_task and info.task_id in parent_files
             if reuse:
                 parent_entry = parent_files[info.task_id]
-                sha = _reuse(Path(parent_dir) / parent_entry["file"], tmp / name, parent_entry["sha256"])
+                sha = _reuse(Path(parent_dir) / parent_entry.file, tmp / name, parent_entry.sha256)
             else:
                 tensors = dict(loaded_model.task_parameters(info.task_id))
                 rows = (memory or {}).get(info.task_id)
@@ -226,10 +220,11 @@ def save_bank(
                 "file": name,
                 "sha256": sha,
             }
+            # the content hash of the data the expert was trained on, under bank.json's key for it
             if reuse:
-                entry["data_hash"] = parent_files[info.task_id].get("data_hash")
+                entry[CONTENT_HASH_KEY] = parent_files[info.task_id].content_hash
             else:
-                entry["data_hash"] = lineage.get("data_hash")
+                entry[CONTENT_HASH_KEY] = lineage.get(CONTENT_HASH_KEY)
             tasks.append(entry)
         shared_entry = None
         shared = loaded_model.shared_parameters()

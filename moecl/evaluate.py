@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -97,6 +98,39 @@ def evaluate_model(
     return ModelEvaluation(row, stripping, sizes, correct)
 
 
+@dataclass(frozen=True)
+class BankEvaluation:
+    """A bank's evaluation: its continual-learning metrics, and the record evaluation.json holds.
+
+    The record: {"metrics": cl.json shape, "rows", "steps", "stripping_rate", "test_sizes", "correct"}
+    ("correct": task -> per-record correctness string of the tasks evaluated, see `correctness`; empty when
+    the step had already evaluated the bank). `metrics` is built from the record, so a stored evaluation and
+    a fresh one give the same numbers."""
+
+    metrics: ContinualMetrics
+    record: dict
+
+    @classmethod
+    def from_record(cls, record: dict) -> BankEvaluation:
+        m = record["metrics"]
+        metrics = ContinualMetrics(
+            order=m["order"],
+            matrix=record["rows"],
+            before_training=m["before_training"],
+            zero_shot=m["zero_shot"],
+            steps=record["steps"],
+        )
+        return cls(metrics, record)
+
+    @property
+    def stripping_rate(self) -> dict[str, float]:
+        return self.record.get("stripping_rate", {})
+
+    @property
+    def correct(self) -> dict[str, str]:
+        return self.record.get("correct", {})
+
+
 def evaluate_bank(
     bank_dir: str | Path,
     base: BaseSpec,
@@ -106,12 +140,9 @@ def evaluate_bank(
     write: bool = True,
     progress: bool = True,
     only: list[str] | None = None,
-) -> dict:
+) -> BankEvaluation:
     """Evaluate a bank on every task it knows; append the row to its history; write evaluation.json once.
 
-    Returns the evaluation record: {"metrics": cl.json shape, "rows", "steps", "stripping_rate", "test_sizes",
-    "correct"} ("correct": task -> per-record correctness string of the tasks evaluated here, see
-    `correctness`; empty when the step had already evaluated the bank).
     An already evaluated bank returns its stored evaluation (a bank and its evaluation never change).
     `only` evaluates just those tasks: the row holds only their cells (the metrics accept partial rows).
     """
@@ -119,10 +150,10 @@ def evaluate_bank(
     manifest = verify_bank(bank_dir)  # a corrupted bank is refused even where its evaluation is stored
     existing = read_evaluation(bank_dir)
     if existing is not None:
-        return existing
+        return BankEvaluation.from_record(existing)
     check_base(bank_dir, manifest, base)
-    history = manifest.get("history") or {}
-    steps = list(manifest.get("steps", []))
+    history = manifest.history
+    steps = list(manifest.steps)
     if len(history.get("matrix", [])) == len(steps):  # the step already evaluated this bank
         rows, stripping, sizes, correct = list(history["matrix"]), history.get("stripping_rate", {}), {}, {}
     else:
@@ -151,15 +182,4 @@ def evaluate_bank(
         write_text_atomic(
             bank_dir / EVALUATION, json.dumps(record, indent=2, sort_keys=True), what="the bank's evaluation"
         )
-    return record
-
-
-def metrics_of(record: dict) -> ContinualMetrics:
-    m = record["metrics"]
-    return ContinualMetrics(
-        order=m["order"],
-        matrix=record["rows"],
-        before_training=m["before_training"],
-        zero_shot=m["zero_shot"],
-        steps=record["steps"],
-    )
+    return BankEvaluation.from_record(record)

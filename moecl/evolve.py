@@ -1,12 +1,13 @@
 """The path of one dataset version: validate -> drift -> CL step -> evaluate -> gate -> promote or reject.
 
 Library code (no Prefect, no DVC): the flows, the DVC stages, the CLI and the tests call these functions.
-A dataset version is a task folder's content hash; the registry remembers which versions were processed, so
-processing is idempotent. `evolution_lock` serialises whole runs in one workspace (a file lock: two steps
-writing the same registry, banks and metrics at once would race). A run killed part-way leaves nothing
-half-written, and the next run finishes the version: a complete challenger bank is reused, a challenger that was
-registered but never decided is decided (not registered twice), and the drift reference of a version promoted
-just before the kill is installed from its staged copy (docs/operations.md).
+A dataset version (`data_version`) is the hash of a task folder's files (task_folder_hash; not
+TaskData.content_hash, the hash of the parsed data that a bank records per task); the registry remembers which
+versions were processed, so processing is idempotent. `evolution_lock` serialises whole runs in one workspace
+(a file lock: two steps writing the same registry, banks and metrics at once would race). A run killed
+part-way leaves nothing half-written, and the next run finishes the version: a complete challenger bank is
+reused, a challenger that was registered but never decided is decided (not registered twice), and the drift
+reference of a version promoted just before the kill is installed from its staged copy (docs/operations.md).
 
 The first check of every version's run is `preflight`: the registry verified (hashes only). A champion whose
 bank is not whole is never trained from: the run records the version as failed for the reason "integrity"
@@ -23,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moecl.config import Params
 from moecl.data.task import TaskData
@@ -40,13 +41,17 @@ from moecl.metrics import ContinualMetrics
 from moecl.model.base import BaseSpec, preferred_device
 from moecl.registry import Registry, VersionRecord
 
+if TYPE_CHECKING:
+    from moecl.drift import DataDriftResult
+    from moecl.gates import GateDecision
+
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class PendingVersion:
     task_id: str
-    data_hash: str  # task_folder_hash: the dataset version's identity
+    data_version: str  # task_folder_hash of the folder: the dataset version's identity
     folder: Path
     landed_at: float  # newest modification time in the folder: the landing order
 
@@ -54,7 +59,7 @@ class PendingVersion:
 @dataclass
 class EvolveOutcome:
     task_id: str
-    data_hash: str
+    data_version: str  # task_folder_hash, as PendingVersion
     decision: str  # promote | reject | skipped
     reasons: list[str] = field(default_factory=list)
     version: str | None = None
@@ -106,9 +111,9 @@ def pending_versions(params: Params, registry: Registry) -> list[PendingVersion]
     """Task folders whose current content was never processed, in landing order (oldest first)."""
     pending = []
     for folder in list_task_folders(params.data.root):
-        data_hash = task_folder_hash(folder)
-        if registry.processed(folder.name, data_hash) is None:
-            pending.append(PendingVersion(folder.name, data_hash, folder, _landed_at(folder)))
+        data_version = task_folder_hash(folder)
+        if registry.processed(folder.name, data_version) is None:
+            pending.append(PendingVersion(folder.name, data_version, folder, _landed_at(folder)))
     return sorted(pending, key=lambda p: (p.landed_at, p.task_id))
 
 
@@ -158,7 +163,7 @@ def integrity_failure_recorded(registry: Registry, pending: PendingVersion) -> I
     try:
         yield
     except IntegrityError as exc:
-        registry.record_failure(pending.task_id, pending.data_hash, "integrity", str(exc))
+        registry.record_failure(pending.task_id, pending.data_version, "integrity", str(exc))
         raise
 
 
@@ -228,7 +233,7 @@ def drift_for_version(params: Params, task: TaskData, outputs: Outputs):
 
 def challenger_dir(params: Params, pending: PendingVersion, champion: VersionRecord | None) -> Path:
     parent = champion.version if champion else "none"
-    return Path(params.registry.banks_dir) / f"{pending.task_id}-{pending.data_hash[:10]}-from-{parent}"
+    return Path(params.registry.banks_dir) / f"{pending.task_id}-{pending.data_version[:10]}-from-{parent}"
 
 
 def train_challenger(
@@ -251,7 +256,7 @@ def train_challenger(
     out = challenger_dir(params, pending, champion)
     if out.is_dir():
         manifest = verify_bank(out)  # reused: whole, or refused
-        if manifest["lineage"].get("data_hash") == task.content_hash():
+        if manifest.lineage.content_hash == task.content_hash():
             return out
         raise MoeclError(f"{out} exists but was trained on other data; move it away")
     parent = registry.bank_path(champion) if champion else None
@@ -265,7 +270,7 @@ def train_challenger(
         eval_tasks=eval_tasks,
         replay_tasks=replay,
         progress=progress,
-        lineage={"data_version": pending.data_hash},
+        lineage={"data_version": pending.data_version},
     )
     return out
 
@@ -279,16 +284,14 @@ def evaluate_challenger(
     progress: bool = True,
     write_to_bank: bool = True,
 ) -> ContinualMetrics:
-    from moecl.evaluate import evaluate_bank, metrics_of
+    from moecl.evaluate import evaluate_bank
     from moecl.plots import write_plots
 
-    record = evaluate_bank(bank, base, tasks, params, progress=progress, write=write_to_bank)
-    metrics = metrics_of(record)
-    cl = metrics.as_dict()
-    cl["stripping_rate"] = record.get("stripping_rate", {})
+    evaluation = evaluate_bank(bank, base, tasks, params, progress=progress, write=write_to_bank)
+    cl = {**evaluation.metrics.as_dict(), "stripping_rate": evaluation.stripping_rate}
     write_json_atomic(outputs.cl_json, cl, what="the metrics")
-    write_plots(metrics, outputs.plots_dir)
-    return metrics
+    write_plots(evaluation.metrics, outputs.plots_dir)
+    return evaluation.metrics
 
 
 def canary_predictions(params: Params, bank: Path, base: BaseSpec, tasks: dict[str, TaskData]):
@@ -330,14 +333,14 @@ def gate_challenger(
     return decision
 
 
-def _staged_snapshot(params: Params, task_id: str, data_hash: str) -> Path:
-    return snapshot_dir(params, task_id).parent / f".{task_id}.staged-{data_hash[:16]}"
+def _staged_snapshot(params: Params, task_id: str, data_version: str) -> Path:
+    return snapshot_dir(params, task_id).parent / f".{task_id}.staged-{data_version[:16]}"
 
 
-def stage_snapshot(params: Params, task: TaskData, data_hash: str) -> Path:
+def stage_snapshot(params: Params, task: TaskData, data_version: str) -> Path:
     """Copy a version's folder beside the snapshots under a hidden name BEFORE it is promoted, so that a run
     killed between promoting and installing the drift reference leaves the copy for `finish_snapshot`."""
-    staged = _staged_snapshot(params, task.task_id, data_hash)
+    staged = _staged_snapshot(params, task.task_id, data_version)
     # (a copy left by a run killed before it promoted is replaced)
     return copy_folder_atomic(
         task.path, staged, f"the drift reference of {task.task_id}", "Nothing was kept; nothing was promoted."
@@ -365,38 +368,45 @@ def save_snapshot(params: Params, task: TaskData) -> None:
     install_snapshot(params, task.task_id, stage_snapshot(params, task, task_folder_hash(task.path)))
 
 
+@dataclass(frozen=True)
+class Challenger:
+    """A dataset version's challenger once the gate has judged it: what `record_decision` registers and
+    `decided_outcome` reports. `drift` is None where the caller has no drift result object (the DVC promote
+    stage: its drift lives in metrics/drift.json)."""
+
+    pending: PendingVersion
+    task: TaskData  # the version's validated data
+    bank: Path
+    metrics: ContinualMetrics
+    decision: GateDecision
+    champion: VersionRecord | None  # the champion it was trained from and gated against
+    drift: DataDriftResult | None = None
+
+
 def record_decision(
-    params: Params,
-    registry: Registry,
-    task: TaskData,
-    pending: PendingVersion,
-    bank: Path,
-    metrics: ContinualMetrics,
-    decision,
-    champion: VersionRecord | None,
-    flow_run_id: str | None,
+    params: Params, registry: Registry, challenger: Challenger, flow_run_id: str | None = None
 ) -> VersionRecord:
     """Register the challenger with its lineage, then promote it or log the rejection."""
     from moecl.bank import read_manifest
 
+    task, pending, bank, decision = challenger.task, challenger.pending, challenger.bank, challenger.decision
     manifest = read_manifest(bank)
-    cl = metrics.as_dict()
-    parent = champion.version if champion else None
+    parent = challenger.champion.version if challenger.champion else None
     # a run killed between registering and deciding left this bank's record undecided: decide that one
-    record = registry.undecided(task.task_id, pending.data_hash, bank, parent) or registry.register(
+    record = registry.undecided(task.task_id, pending.data_version, bank, parent) or registry.register(
         bank,
         parent_version=parent,
         task_id=task.task_id,
-        data_version=pending.data_hash,
-        data_hashes={t["task_id"]: t.get("data_hash") for t in manifest["tasks"]},
+        data_version=pending.data_version,
+        data_hashes={t.task_id: t.content_hash for t in manifest.tasks},  # content hashes, per task
         params=params,
-        code_revision=manifest["lineage"].get("code_revision"),
-        metrics=cl,
+        code_revision=manifest.lineage.code_revision,
+        metrics=challenger.metrics.as_dict(),
         gate=decision.to_dict(),
         flow_run_id=flow_run_id,
     )
     if decision.promoted:
-        staged = stage_snapshot(params, task, pending.data_hash)
+        staged = stage_snapshot(params, task, pending.data_version)
         try:
             registry.promote(record.version, reason="; ".join(decision.reasons))
         except BaseException:
@@ -428,7 +438,7 @@ def known_task_ids(registry: Registry, champion: VersionRecord | None) -> list[s
         return []
     from moecl.bank import read_manifest
 
-    return [t["task_id"] for t in read_manifest(registry.bank_path(champion))["tasks"]]
+    return read_manifest(registry.bank_path(champion)).task_ids
 
 
 def skipped_outcome(
@@ -437,7 +447,7 @@ def skipped_outcome(
     """The outcome of a dataset version that was already decided (`Registry.processed` found `done`)."""
     return EvolveOutcome(
         pending.task_id,
-        pending.data_hash,
+        pending.data_version,
         "skipped",
         [f"already processed as {done.version}"],
         version=done.version,
@@ -446,31 +456,22 @@ def skipped_outcome(
     )
 
 
-def decided_outcome(
-    pending: PendingVersion,
-    bank: Path,
-    metrics: ContinualMetrics,
-    decision,
-    drift,
-    record: VersionRecord,
-    champion_before: str | None,
-    registry: Registry,
-) -> EvolveOutcome:
+def decided_outcome(challenger: Challenger, record: VersionRecord, registry: Registry) -> EvolveOutcome:
     """The outcome of a dataset version once `record_decision` has promoted or rejected its challenger."""
-    after = registry.champion()
+    after, decision, drift = registry.champion(), challenger.decision, challenger.drift
     return EvolveOutcome(
-        pending.task_id,
-        pending.data_hash,
+        challenger.pending.task_id,
+        challenger.pending.data_version,
         decision.decision,
         list(decision.reasons),
         version=record.version,
-        bank_dir=str(bank),
-        champion_before=champion_before,
+        bank_dir=str(challenger.bank),
+        champion_before=challenger.champion.version if challenger.champion else None,
         champion_after=after.version if after else None,
-        metrics=metrics.as_dict(),
+        metrics=challenger.metrics.as_dict(),
         gate=decision.to_dict(),
-        drift=drift.to_dict(),
-        report_path=drift.report_path,
+        drift=drift.to_dict() if drift is not None else None,
+        report_path=drift.report_path if drift is not None else None,
     )
 
 
@@ -478,8 +479,8 @@ def decided_outcome(
 def superseded_by(pending: PendingVersion, data_version: str | None) -> str | None:
     """Why a run asked to process `data_version` does not: the task's folder now holds another version (landed
     since; its own run processes it). None when the folder holds the version asked for, or none was named."""
-    if data_version and pending.data_hash != data_version:
-        return f"the workspace holds {pending.data_hash}, processed by its own run"
+    if data_version and pending.data_version != data_version:
+        return f"the workspace holds {pending.data_version}, processed by its own run"
     return None
 
 
@@ -508,7 +509,7 @@ def process_version(
     outputs = outputs or Outputs()
     with integrity_failure_recorded(registry, pending):
         run_stage("verify-registry", preflight, registry)
-        done = registry.processed(pending.task_id, pending.data_hash)
+        done = registry.processed(pending.task_id, pending.data_version)
         champion = registry.champion()
         before = champion.version if champion else None
         if done is not None:
@@ -543,20 +544,9 @@ def process_version(
         decision = run_stage(
             "gate", gate_challenger, params, task, metrics, champion, behaviour, drift, outputs
         )
-        record = run_stage(
-            "record-decision",
-            record_decision,
-            params,
-            registry,
-            task,
-            pending,
-            bank,
-            metrics,
-            decision,
-            champion,
-            flow_run_id,
-        )
-        return decided_outcome(pending, bank, metrics, decision, drift, record, before, registry)
+        challenger = Challenger(pending, task, bank, metrics, decision, champion, drift)
+        record = run_stage("record-decision", record_decision, params, registry, challenger, flow_run_id)
+        return decided_outcome(challenger, record, registry)
 
 
 class InvalidVersions(DataValidationError):
@@ -566,7 +556,7 @@ class InvalidVersions(DataValidationError):
     def __init__(self, errors: list[tuple[PendingVersion, DataValidationError]], outcomes: list):
         self.errors = errors
         self.outcomes = outcomes
-        names = ", ".join(f"{p.task_id}@{p.data_hash[:12]}" for p, _ in errors)
+        names = ", ".join(f"{p.task_id}@{p.data_version[:12]}" for p, _ in errors)
         done = f"; the other {len(outcomes)} version(s) were processed" if outcomes else ""
         super().__init__(
             [issue for _, exc in errors for issue in exc.issues],

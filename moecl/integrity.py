@@ -7,6 +7,9 @@ bank.json itself (a value, a key, a hash) are all caught; a flip that leaves the
 (inside whitespace) is harmless. Manifests of format moecl-bank/1 were written before the checksum existed:
 their tensor files are checked, their own bytes cannot be.
 
+`parse_manifest` checks the JSON; `read_manifest` and `verify_bank` give it typed (moecl.manifest's
+BankManifest), which is how the rest of the code reads a manifest.
+
 No torch here: the registry, its verification and the CLI use it without loading a model.
 """
 
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from moecl.errors import BankError, IntegrityError
+from moecl.manifest import BankManifest
 
 FORMAT = "moecl-bank/2"
 LEGACY_FORMATS = ("moecl-bank/1",)  # no manifest checksum
@@ -58,8 +62,9 @@ def seal(manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def parse_manifest(bank_dir: str | Path) -> dict[str, Any]:
-    """bank.json of `bank_dir`, parsed and checked (schema and checksum). A missing manifest is a BankError
-    (not a bank); one that does not parse or fails its checks is an IntegrityError naming the file."""
+    """bank.json of `bank_dir` as JSON, parsed and checked (schema and checksum). A missing manifest is a
+    BankError (not a bank); one that does not parse or fails its checks is an IntegrityError naming the file.
+    Code that uses a manifest reads it typed, with `read_manifest`."""
     path = Path(bank_dir) / MANIFEST
     if not path.is_file():
         raise BankError(f"{path}: no bank manifest here (is {bank_dir} an expert bank?)")
@@ -71,6 +76,11 @@ def parse_manifest(bank_dir: str | Path) -> dict[str, Any]:
     if problems:
         raise IntegrityError("\n".join(problems))
     return manifest
+
+
+def read_manifest(bank_dir: str | Path) -> BankManifest:
+    """bank.json of `bank_dir`, checked as `parse_manifest` does, as a BankManifest."""
+    return BankManifest.from_json(parse_manifest(bank_dir), Path(bank_dir) / MANIFEST)
 
 
 def manifest_problems(path: Path, manifest: Any) -> list[str]:
@@ -120,15 +130,15 @@ def _entry_problems(path: Path, where: str, entry: Any, keys: tuple[str, ...]) -
     return []
 
 
-def bank_files(manifest: dict[str, Any]) -> list[tuple[str, str]]:
+def bank_files(manifest: BankManifest) -> list[tuple[str, str]]:
     """(file name, recorded sha256) of every tensor file the manifest lists."""
-    files = [(t["file"], t["sha256"]) for t in manifest["tasks"]]
-    if manifest.get("shared"):
-        files.append((manifest["shared"]["file"], manifest["shared"]["sha256"]))
+    files = [(t.file, t.sha256) for t in manifest.tasks]
+    if manifest.shared:
+        files.append((manifest.shared.file, manifest.shared.sha256))
     return files
 
 
-def file_problems(bank_dir: str | Path, manifest: dict[str, Any]) -> list[str]:
+def file_problems(bank_dir: str | Path, manifest: BankManifest) -> list[str]:
     """Each listed file that is missing or whose sha256 is not the recorded one (one line each)."""
     problems = []
     for name, expected in bank_files(manifest):
@@ -152,7 +162,7 @@ def bank_problems(bank_dir: str | Path, hashes: bool = True) -> list[str]:
     if not bank_dir.is_dir():
         return [f"{bank_dir}: the bank folder is missing"]
     try:
-        manifest = parse_manifest(bank_dir)
+        manifest = read_manifest(bank_dir)
     except BankError as exc:
         return str(exc).splitlines()
     if hashes:
@@ -173,9 +183,9 @@ def bank_problems(bank_dir: str | Path, hashes: bool = True) -> list[str]:
     return problems
 
 
-def verify_bank(bank_dir: str | Path) -> dict[str, Any]:
+def verify_bank(bank_dir: str | Path) -> BankManifest:
     """Raise IntegrityError listing every file of the bank that is not as written; return its manifest."""
-    manifest = parse_manifest(bank_dir)
+    manifest = read_manifest(bank_dir)
     problems = file_problems(bank_dir, manifest)
     if problems:
         raise IntegrityError(f"the bank {bank_dir} is corrupted:\n  " + "\n  ".join(problems))

@@ -61,7 +61,9 @@ class VersionRecord:
     bank_dir: str
     parent_version: str | None = None
     task_id: str | None = None
-    data_version: str | None = None
+    data_version: str | None = None  # task_folder_hash of the task folder: the dataset version trained
+    # task -> TaskData.content_hash() of the data each of the bank's experts was trained on (its bank.json
+    # tasks[*].data_hash); a content hash, not a dataset version. The name is the stored record's key.
     data_hashes: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     code_revision: str | None = None
@@ -360,13 +362,14 @@ class Registry:
         record = self.champion()
         return self.bank_path(record) if record else None
 
-    def processed(self, task_id: str, data_hash: str) -> VersionRecord | None:
-        """The newest version of `task_id` built from `data_hash` that was decided (promoted, rejected or
-        rolled back), so a rerun on the same dataset version can do nothing; None if there is none."""
+    def processed(self, task_id: str, data_version: str) -> VersionRecord | None:
+        """The newest version of `task_id` built from `data_version` that was decided (promoted, rejected or
+        rolled back), so a rerun on the same dataset version can do nothing; None if there is none. A record
+        whose per-task hashes (`data_hashes`) name the hash counts too."""
         for record in reversed(self.list_versions()):
             if record.task_id != task_id or record.status not in DONE_STATUSES:
                 continue
-            if data_hash in (record.data_version, record.data_hashes.get(task_id)):
+            if data_version in (record.data_version, record.data_hashes.get(task_id)):
                 return record
         return None
 

@@ -112,7 +112,7 @@ def train(params: Params) -> None:
     pending = selected_version(params)
     task = validate_version(params, pending)
     parent = _champion_state().get("bank_dir")
-    known = [t["task_id"] for t in read_manifest(parent)["tasks"]] if parent else []
+    known = read_manifest(parent).task_ids if parent else []
     others = load_other_tasks(params, known, exclude=task.task_id)
     finish_snapshot(params)
     replay = replay_tasks(params, known, exclude=task.task_id)
@@ -127,7 +127,7 @@ def train(params: Params) -> None:
         base=base_from_params(params.model),
         eval_tasks=others,
         replay_tasks=replay,
-        lineage={"data_version": pending.data_hash},
+        lineage={"data_version": pending.data_version},
     )
 
 
@@ -136,8 +136,7 @@ def _challenger_tasks(params: Params):
     from moecl.evolve import load_other_tasks
 
     manifest = read_manifest(CHALLENGER)
-    ids = [t["task_id"] for t in manifest["tasks"]]
-    return manifest, load_other_tasks(params, ids, exclude="")
+    return manifest, load_other_tasks(params, manifest.task_ids, exclude="")
 
 
 def evaluate(params: Params) -> None:
@@ -150,17 +149,17 @@ def evaluate(params: Params) -> None:
     )  # the bank is the train stage's output: never modify it
 
 
-def _challenger_metrics(manifest: dict):
+def _challenger_metrics(task_ids: list[str], trained: str | None):
     """The evaluate stage's metrics/cl.json (the gate and promote read it rather than evaluating the bank
-    again), checked to be the challenger's: same tasks, its newest task last."""
+    again), checked to be the challenger's (`task_ids`: its tasks; `trained`: its newest): same tasks, its
+    newest task last."""
     from moecl.metrics import ContinualMetrics
 
     path = _outputs().cl_json
     if not path.is_file():
         raise MoeclError(f"{path} is missing: run the evaluate stage first (`dvc repro`)")
     metrics = ContinualMetrics.from_dict(json.loads(path.read_text()))
-    tasks = sorted(t["task_id"] for t in manifest["tasks"])
-    trained = manifest["lineage"]["trained_task"]
+    tasks = sorted(task_ids)
     if sorted(metrics.order) != tasks or not metrics.steps or metrics.steps[-1] != trained:
         raise MoeclError(
             f"{path} does not belong to {CHALLENGER} (its tasks {sorted(metrics.order)}, last trained "
@@ -174,7 +173,8 @@ def _gate_inputs(params: Params):
     from moecl.model.base import base_from_params
 
     manifest, tasks = _challenger_tasks(params)
-    return manifest, tasks, base_from_params(params.model), _challenger_metrics(manifest)
+    metrics = _challenger_metrics(manifest.task_ids, manifest.lineage.trained_task)
+    return manifest, tasks, base_from_params(params.model), metrics
 
 
 def gate(params: Params) -> None:
@@ -182,7 +182,7 @@ def gate(params: Params) -> None:
     from moecl.evolve import canary_predictions, gate_challenger
 
     manifest, tasks, base, metrics = _gate_inputs(params)
-    new_task = manifest["lineage"]["trained_task"]
+    new_task = manifest.lineage.trained_task
     registry = _registry(params)
     record = registry.champion()
     others = {t: d for t, d in tasks.items() if t != new_task}
@@ -202,32 +202,24 @@ def gate(params: Params) -> None:
 def promote(params: Params) -> None:
     """Register the pipeline's challenger (copied into banks/, since pipeline/ is rewritten by every repro)."""
     from moecl.bank import read_manifest
-    from moecl.evolve import record_decision, validate_version, version_for
+    from moecl.evolve import Challenger, record_decision, validate_version, version_for
     from moecl.gates import GateDecision
 
     manifest = read_manifest(CHALLENGER)
-    metrics = _challenger_metrics(manifest)
+    task_id = manifest.lineage.trained_task
+    metrics = _challenger_metrics(manifest.task_ids, task_id)
     decision = GateDecision.from_dict(json.loads(Path(_outputs().gate_json).read_text()))
-    task_id = manifest["lineage"]["trained_task"]
     pending = version_for(params, task_id)
     registry = _registry(params)
-    if registry.processed(task_id, pending.data_hash):
-        print(f"{task_id}@{pending.data_hash[:10]} was already processed; nothing to do")
+    if registry.processed(task_id, pending.data_version):
+        print(f"{task_id}@{pending.data_version[:10]} was already processed; nothing to do")
         return
-    dest = Path(params.registry.banks_dir) / f"{task_id}-{pending.data_hash[:10]}-pipeline"
+    dest = Path(params.registry.banks_dir) / f"{task_id}-{pending.data_version[:10]}-pipeline"
     if not dest.exists():
         copy_folder_atomic(CHALLENGER, dest, "the challenger bank's registry copy")
-    record = record_decision(
-        params,
-        registry,
-        validate_version(params, pending),
-        pending,
-        dest,
-        metrics,
-        decision,
-        registry.champion(),
-        flow_run_id=None,
-    )
+    task = validate_version(params, pending)
+    challenger = Challenger(pending, task, dest, metrics, decision, champion=registry.champion())
+    record = record_decision(params, registry, challenger)
     print(f"{record.version}: {record.status} ({'; '.join(decision.reasons)})")
 
 

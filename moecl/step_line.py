@@ -111,7 +111,7 @@ def step_parent(params, bank: str | None = None, new: bool = False) -> BankChoic
 def _knows(bank: Path, task_id: str) -> bool:
     from moecl.bank import read_manifest
 
-    return task_id in [t["task_id"] for t in read_manifest(bank)["tasks"]]
+    return task_id in read_manifest(bank).task_ids
 
 
 def default_bank(params, task_id: str | None = None) -> BankChoice:

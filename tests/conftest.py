@@ -1,4 +1,11 @@
+"""Fixtures that more than one test module uses; plain helpers are in moecl/testing.py (no test module imports
+from another)."""
+
+import atexit
 import os
+import shutil
+import sys
+import tempfile
 
 import pytest
 
@@ -7,6 +14,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Prefect reads its settings on first import: keep this session's Prefect files out of ~/.prefect.
+if "prefect" not in sys.modules and not os.environ.get("PREFECT_HOME"):
+    _home = tempfile.mkdtemp(prefix="moecl-prefect-home-")
+    os.environ["PREFECT_HOME"] = _home
+    atexit.register(shutil.rmtree, _home, True)
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +61,63 @@ def two_tasks():
         make_task("topics", ["sports", "business", "science"]),
         make_task("sentiment", ["positive", "negative"], positive_label="positive"),
     )
+
+
+# --- the reliability tests' workspaces (helpers: moecl/testing.py) ------------------------------------------------
+# Module-scoped fixtures defined here are instantiated once per test module that uses them.
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Runs use one torch thread: on two shared cores more threads only wait for each other. A module asks for it
+    with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def champion_ws(request, tmp_path_factory, tiny_base):
+    """A workspace whose champion v0001 knows `topics` (built once per module; each test works on a copy)."""
+    from moecl.testing import TOPICS, land, make_task, run_library, workspace_params, write_params
+    from tests import faults
+
+    if any(name in item.name for item in request.session.items for name in ("sigkill", "concurrent")):
+        faults.context()  # the fork server preloads in the background while the in-process tests run
+    root = tmp_path_factory.mktemp("champion") / "ws"
+    root.mkdir()
+    params = workspace_params()
+    write_params(root, params)
+    land(root, make_task("topics", TOPICS))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        assert [o.decision for o in run_library(params, tiny_base)] == ["promote"]
+    finally:
+        os.chdir(cwd)
+    assert faults.tiny_base_spec().sha256 == tiny_base.sha256  # the processes' banks load here
+    return root
+
+
+@pytest.fixture
+def ws(champion_ws, tmp_path, monkeypatch):
+    root = tmp_path / "ws"
+    shutil.copytree(champion_ws, root, symlinks=True)
+    monkeypatch.chdir(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def flow_server():
+    """A Prefect API for flow runs: the session's test harness if tests/test_flows.py already started one
+    (its fixture lives for the session), else one for this module."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_SERVER_DATABASE_CONNECTION_URL
+
+    if PREFECT_API_URL.value() and "prefect-test.db" in str(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()):
+        yield
+        return
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield

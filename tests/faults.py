@@ -1,6 +1,7 @@
-"""Fault injection for tests/test_reliability.py: the library path (`evolve_pending`) in a separate process, with
-a fault installed in THAT process only; and a disk that fills up, in this process (`DiskFull`,
-tests/test_disk_full.py). Not a test module.
+"""Fault injection for tests/test_crash.py and tests/test_concurrency.py: the library path (`evolve_pending`) in a
+separate process, with a fault installed in THAT process only; and a disk that fills up, in this process
+(`DiskFull`, tests/test_disk_full.py). Not a test module: it imports torch, transformers and Evidently at the top
+so that the fork server preloads them, which is why it is not part of moecl/testing.py (a cheap import).
 
 The processes are forked by a multiprocessing "forkserver": a fresh interpreter that imports this module (and so
 torch, transformers, Evidently, matplotlib) once; each run is a fork of it, a separate process with its own pid
@@ -159,7 +160,7 @@ def run(workspace: str, fault: str, log_path: str, result_path: str) -> None:
     write_json_atomic(
         result_path,
         {
-            "outcomes": [[o.task_id, o.data_hash, o.decision, o.version] for o in outcomes],
+            "outcomes": [[o.task_id, o.data_version, o.decision, o.version] for o in outcomes],
             "started": started,
             "lock_held": held,
         },

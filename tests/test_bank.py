@@ -5,6 +5,7 @@ import torch
 
 from moecl.bank import load_bank, read_manifest
 from moecl.errors import BankError, UnknownTaskError
+from moecl.manifest import BaseModelRef
 from moecl.model.base import BaseSpec
 from moecl.model.inference import predict
 from moecl.train.step import run_step
@@ -30,12 +31,13 @@ def test_round_trip_is_exact(bank_one, tiny_base, tiny_tok, fast_params, two_tas
 
 def test_manifest_records_lineage_and_hashes(bank_one, tiny_base, two_tasks):
     manifest = read_manifest(bank_one)
-    assert manifest["base_model"] == {"name": "tiny-llama", "sha256": tiny_base.sha256}
-    assert manifest["tasks"][0]["task_id"] == "topics"
-    assert manifest["tasks"][0]["labels"] == ["sports", "business", "science"]
-    assert manifest["tasks"][0]["data_hash"] == two_tasks[0].content_hash()
-    assert manifest["lineage"]["params"]["train"]["lr"] == pytest.approx(5e-3)
-    assert manifest["steps"] == ["topics"]
+    assert manifest.base_model == BaseModelRef("tiny-llama", tiny_base.sha256)
+    assert manifest.tasks[0].task_id == "topics"
+    assert manifest.tasks[0].labels == ["sports", "business", "science"]
+    assert manifest.tasks[0].content_hash == two_tasks[0].content_hash()
+    assert manifest.lineage.content_hash == two_tasks[0].content_hash()
+    assert manifest.lineage.params["train"]["lr"] == pytest.approx(5e-3)
+    assert manifest.steps == ["topics"]
     assert sorted(p.name for p in bank_one.iterdir()) == [
         "bank.json",
         "expert-topics.safetensors",
@@ -104,6 +106,7 @@ def test_method_change_on_an_existing_bank_is_refused(bank_one, tiny_base, fast_
 def test_evaluation_record(bank_one, tiny_base, fast_params, two_tasks):
     from moecl.evaluate import evaluate_bank
 
-    record = evaluate_bank(bank_one, tiny_base, {"topics": two_tasks[0]}, fast_params, progress=False)
-    assert len(record["metrics"]["matrix"]) == 1
-    assert json.loads((bank_one / "evaluation.json").read_text())["metrics"] == record["metrics"]
+    evaluation = evaluate_bank(bank_one, tiny_base, {"topics": two_tasks[0]}, fast_params, progress=False)
+    assert len(evaluation.metrics.matrix) == 1
+    assert json.loads((bank_one / "evaluation.json").read_text()) == evaluation.record
+    assert evaluation.metrics.as_dict() == evaluation.record["metrics"]

@@ -6,21 +6,7 @@ import json
 import pytest
 
 from moecl.cli import main
-
-
-def write_task_folder(root, task):
-    import yaml
-
-    folder = root / task.task_id
-    folder.mkdir(parents=True)
-    (folder / "task.yaml").write_text(
-        yaml.safe_dump({"labels": task.labels, "instruction": task.instruction, "description": "synthetic"})
-    )
-    for split in ("train", "test"):
-        with open(folder / f"{split}.jsonl", "w") as f:
-            for r in getattr(task, split):
-                f.write(json.dumps({"text": r.text, "label": r.label}) + "\n")
-    return folder
+from moecl.testing import write_task_folder
 
 
 @pytest.fixture
@@ -133,7 +119,7 @@ def test_two_steps_without_flags_continue_one_line_and_eval_and_predict_find_it(
     assert fresh["parent"] is None and "starting a new bank (--new)" in err
     from moecl.bank import read_manifest
 
-    assert [t["task_id"] for t in read_manifest(project / fresh["bank"])["tasks"]] == ["sentiment"]
+    assert read_manifest(project / fresh["bank"]).task_ids == ["sentiment"]
     with pytest.raises(SystemExit):  # one or the other
         main(["step", "--task", "topics", "--new", "--bank", first["bank"]])
     assert "not allowed with" in capsys.readouterr().err

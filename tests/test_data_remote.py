@@ -17,8 +17,7 @@ import yaml
 
 from moecl.cli import main
 from moecl.data.remote import MissingDataError, pull_data
-from moecl.testing import make_task
-from tests.test_cli_core import write_task_folder
+from moecl.testing import make_task, write_task_folder
 
 
 def _dvc_project(folder: Path, remote: Path):

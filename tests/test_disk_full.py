@@ -23,13 +23,20 @@ import pytest
 
 from moecl.errors import WriteError
 from moecl.registry import Registry
-from tests import test_reliability as reliability
+from moecl.testing import (
+    assert_consistent,
+    decisions,
+    land,
+    run_library,
+    sentiment_task,
+    stub_bank,
+    tree,
+    workspace_params,
+)
 from tests.faults import DiskFull
-from tests.test_reliability import _sentiment, assert_consistent, decisions, land, run_library, tree
-from tests.test_reliability import fast_params as workspace_params
 
-# the workspaces of tests/test_reliability.py: champion v0001 knows `topics`; each test works on a copy
-champion_ws, ws, one_torch_thread = reliability.champion_ws, reliability.ws, reliability.one_torch_thread
+# the workspaces of tests/conftest.py: champion v0001 knows `topics`; each test works on a copy
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ENOSPC = "No space left on device"
 TEMPORARY = re.compile(r"\.tmp($|-)|\.staged-|\.old-")  # what an interrupted write would leave behind
@@ -56,7 +63,7 @@ def test_enospc_at_each_write_of_a_run_leaves_nothing_half_written_and_the_versi
     ws, tiny_base, tmp_path
 ):
     params = workspace_params()
-    land(ws, _sentiment())
+    land(ws, sentiment_task())
 
     # the census: every file a run writes, in order, from a clean run on a copy of the workspace
     census_ws = tmp_path / "census"
@@ -143,24 +150,22 @@ def test_an_atomic_write_on_a_full_disk_keeps_the_old_file(tmp_path):
 
 
 def test_a_registry_append_on_a_full_disk_takes_its_partial_line_back(tmp_path):
-    from tests.test_registry import _bank
-
     registry = Registry(tmp_path / "registry", tmp_path)
-    first = registry.register(_bank(tmp_path, "a"))
+    first = registry.register(stub_bank(tmp_path, "a"))
     log_before = registry.events_path.read_bytes()
     disk = DiskFull(tmp_path, strike=lambda w: w == "registry/events.jsonl (registered)")
     with disk.installed(), pytest.raises(WriteError, match=rf"registry/events.jsonl: {ENOSPC}"):
-        registry.register(_bank(tmp_path, "b"))
+        registry.register(stub_bank(tmp_path, "b"))
     assert registry.events_path.read_bytes() == log_before  # no half line
     assert [r.version for r in registry.list_versions()] == [first.version]  # and no record without its event
-    assert registry.register(_bank(tmp_path, "c")).version == "v0002"  # the id was not burnt
+    assert registry.register(stub_bank(tmp_path, "c")).version == "v0002"  # the id was not burnt
 
     disk = DiskFull(tmp_path, strike=lambda w: w == "registry/versions/<record>")
     with (
         disk.installed(),
         pytest.raises(WriteError, match=rf"registry record of v0003 .*v0003.json: {ENOSPC}"),
     ):
-        registry.register(_bank(tmp_path, "d"))
+        registry.register(stub_bank(tmp_path, "d"))
     assert (
         not list(registry.versions_dir.glob(".tmp-*")) and not (registry.versions_dir / "v0003.json").exists()
     )

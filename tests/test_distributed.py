@@ -7,8 +7,7 @@ import time
 import pytest
 import torch
 
-from tests.test_cli_core import write_task_folder
-from tests.test_model import model_with_tasks
+from moecl.testing import model_with_tasks, write_task_folder
 
 
 def test_shares_cover_every_row_once_and_weights_average_to_the_global_mean():

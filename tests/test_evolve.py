@@ -7,7 +7,7 @@ import pytest
 
 from moecl.evolve import Outputs, evolve_pending, pending_versions, process_version, version_for
 from moecl.registry import Registry
-from tests.test_cli_core import write_task_folder
+from moecl.testing import write_task_folder
 
 
 @pytest.fixture

@@ -1,16 +1,12 @@
 """The Prefect faces: artifact builders, deployments, events, hooks (cheap), then the whole flow under a test
 harness and a real local server with the event-triggered deployment (slow)."""
 
-import atexit
 import copy
-import datetime
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import types
 from pathlib import Path
@@ -18,24 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-# Prefect reads its settings on first import: keep this session's Prefect files out of ~/.prefect.
-if "prefect" not in sys.modules and not os.environ.get("PREFECT_HOME"):
-    _home = tempfile.mkdtemp(prefix="moecl-prefect-home-")
-    os.environ["PREFECT_HOME"] = _home
-    atexit.register(shutil.rmtree, _home, True)
-
-from flows import artifacts as art  # noqa: E402
-from moecl.cli import main  # noqa: E402
-from tests.test_cli_core import write_task_folder  # noqa: E402
-
-FAR_CRON = f"0 0 1 {(datetime.date.today().month + 5) % 12 + 1} *"  # ~6 months away: past Prefect's 100-day
-# scheduling horizon, so the poll deployment gets no pre-created Scheduled run during a test
+from flows import artifacts as art
+from moecl.cli import main
+from moecl.testing import FAR_CRON, write_task_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 
 OUTCOME = {
     "task_id": "sentiment",
-    "data_hash": "0123456789abcdef" * 4,
+    "data_version": "0123456789abcdef" * 4,
     "decision": "reject",
     "reasons": ["forgetting: topics dropped 0.200 > 0.050"],
     "version": "v0002",
@@ -77,7 +64,12 @@ def test_summary_markdown_says_decision_why_metrics_and_champions():
     assert "a \\| b" in md  # table cells are escaped
     assert "new task" in md
     skipped = art.summary_markdown(
-        {"task_id": "t", "data_hash": "ab", "decision": "skipped", "reasons": ["already processed as v0001"]}
+        {
+            "task_id": "t",
+            "data_version": "ab",
+            "decision": "skipped",
+            "reasons": ["already processed as v0001"],
+        }
     )
     assert "SKIPPED" in skipped and "ACC" not in skipped
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -25,19 +26,19 @@ from moecl.errors import BankError, IntegrityError
 from moecl.integrity import CHECKSUM_KEY, FORMAT, parse_manifest
 from moecl.model.base import BaseSpec
 from moecl.registry import Registry
-from moecl.testing import make_task
-from tests.test_reliability import (
+from moecl.testing import (
     NO_MODEL,
     TOPICS,
-    _never,
     assert_consistent,
     decisions,
     land,
+    make_task,
+    no_training,
     run_library,
     tree,
+    workspace_params,
     write_params,
 )
-from tests.test_reliability import fast_params as workspace_params
 
 HASH = re.compile(r"[0-9a-f]{64}")
 
@@ -78,12 +79,12 @@ def bank(clean_bank, tmp_path) -> Path:
 
 def test_a_new_bank_is_sealed_and_loads(bank, tiny_base):
     manifest = read_manifest(bank)
-    assert manifest["format"] == FORMAT and HASH.fullmatch(manifest[CHECKSUM_KEY])
-    assert [t["file"] for t in manifest["tasks"]] == [
+    assert manifest.format == FORMAT and HASH.fullmatch(manifest.manifest_sha256)
+    assert [t.file for t in manifest.tasks] == [
         "expert-topics.safetensors",
         "expert-sentiment.safetensors",
     ]
-    assert all(file_sha256(bank / t["file"]) == t["sha256"] for t in manifest["tasks"])
+    assert all(file_sha256(bank / t.file) == t.sha256 for t in manifest.tasks)
     assert load_bank(bank, tiny_base).manifest == manifest
 
 
@@ -96,7 +97,7 @@ def test_a_flipped_byte_in_a_tensor_file_is_refused_naming_the_file_and_both_has
     expected = file_sha256(path)
     flip(path, {"header": 12, "middle": path.stat().st_size // 2, "last": -1}[where])
     found = file_sha256(path)
-    loader = BaseSpec("tiny-llama", read_manifest(bank)["base_model"]["sha256"], _no_model)
+    loader = BaseSpec("tiny-llama", read_manifest(bank).base_model.sha256, _no_model)
     with pytest.raises(IntegrityError) as caught:
         load_bank(bank, loader)  # refused before the base model is even loaded
     message = str(caught.value)
@@ -120,7 +121,7 @@ def test_every_single_bit_flip_of_bank_json_is_refused_or_harmless(bank):
     """Each bit 0 of each byte flipped in turn: the manifest is refused, or it reads exactly as before (a flip
     that JSON ignores). Never a different manifest: another label, lr, hash or file name."""
     path = bank / "bank.json"
-    original, manifest = path.read_bytes(), read_manifest(bank)
+    original, manifest = path.read_bytes(), parse_manifest(bank)
     refused = harmless = 0
     for offset in range(len(original)):
         data = bytearray(original)
@@ -157,14 +158,25 @@ def test_a_changed_value_in_bank_json_is_refused_with_both_checksums(bank, tiny_
 
 
 def test_a_legacy_manifest_without_checksum_still_loads_and_its_files_are_checked(bank, tiny_base):
+    sealed = read_manifest(bank)
     manifest = json.loads((bank / "bank.json").read_text())
     manifest.pop(CHECKSUM_KEY)
     manifest["format"] = "moecl-bank/1"
     (bank / "bank.json").write_text(json.dumps(manifest))
-    assert load_bank(bank, tiny_base).manifest["format"] == "moecl-bank/1"
+    legacy = load_bank(bank, tiny_base).manifest  # read as the same typed manifest, less its checksum
+    assert legacy == dataclasses.replace(sealed, format="moecl-bank/1", manifest_sha256=None)
     flip(bank / "shared.safetensors", -1)
     with pytest.raises(IntegrityError, match="shared.safetensors: sha256 mismatch"):
         load_bank(bank, tiny_base)
+
+
+def test_a_legacy_manifest_whose_section_does_not_fit_its_type_is_refused_naming_the_file(bank):
+    manifest = json.loads((bank / "bank.json").read_text())
+    manifest.pop(CHECKSUM_KEY)
+    manifest.update(format="moecl-bank/1", lora={"rank": 8})  # no checksum protects a legacy manifest
+    (bank / "bank.json").write_text(json.dumps(manifest))
+    with pytest.raises(IntegrityError, match=re.escape(f"{bank / 'bank.json'}: the manifest does not fit")):
+        read_manifest(bank)
 
 
 def test_a_step_refuses_to_carry_a_corrupted_parent_file_into_a_new_bank(bank, tiny_base, tmp_path):
@@ -311,7 +323,7 @@ def test_evolution_does_not_train_from_a_corrupted_champion_and_the_version_wait
     champion_before = (ws / "registry" / "champion.json").read_bytes()
     before = tree(ws)
     with monkeypatch.context() as patch, pytest.raises(IntegrityError) as caught:
-        patch.setattr("moecl.train.launch.launch_step", _never)
+        patch.setattr("moecl.train.launch.launch_step", no_training)
         run_library(params, NO_MODEL)  # no model is loaded, nothing is trained
     assert "expert-sentiment.safetensors: sha256 mismatch" in str(caught.value)
     assert "Roll back to the last verified bank" in str(caught.value)
@@ -323,7 +335,7 @@ def test_evolution_does_not_train_from_a_corrupted_champion_and_the_version_wait
     (failure,) = registry.failures("sentiment", version)
     assert failure["reason"] == "integrity" and "expert-sentiment.safetensors" in failure["detail"]
     assert registry.processed("sentiment", version) is None  # still pending
-    assert [p.data_hash for p in evolve.pending_versions(params, registry)] == [version]
+    assert [p.data_version for p in evolve.pending_versions(params, registry)] == [version]
     assert main(["registry", "verify"]) == 1
     assert "expert-sentiment.safetensors: sha256 mismatch" in capsys.readouterr().out
 
@@ -331,7 +343,7 @@ def test_evolution_does_not_train_from_a_corrupted_champion_and_the_version_wait
     assert main(["rollback", "--reason", "v0002's bank is corrupted"]) == 0
     assert Registry.from_params(params).champion().version == "v0001"
     (outcome,) = run_library(params, tiny_base)
-    assert (outcome.task_id, outcome.data_hash, outcome.champion_before) == ("sentiment", version, "v0001")
+    assert (outcome.task_id, outcome.data_version, outcome.champion_before) == ("sentiment", version, "v0001")
     assert outcome.decision in ("promote", "reject") and outcome.version == "v0003"
     assert decisions(registry, "v0003") == [
         "registered",
@@ -419,7 +431,7 @@ def test_registry_verify_lists_every_problem_at_once_and_all_hashes_every_bank(w
 
 def _rest(path: Path) -> str:
     """The rest of the line `registry verify` prints for a corrupted shared file of v0001."""
-    expected, found = read_manifest(path.parent)["shared"]["sha256"], file_sha256(path)
+    expected, found = read_manifest(path.parent).shared.sha256, file_sha256(path)
     return (
         f"{expected}, found {found} ({path.stat().st_size} bytes; the file is corrupted or truncated) (v0001)"
     )

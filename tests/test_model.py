@@ -7,6 +7,7 @@ import torch
 
 from moecl.config import METHODS, MethodConfig, Params
 from moecl.model.moecl_model import SHARED, MoECLModel, TaskInfo, expert_name
+from moecl.testing import model_with_tasks
 
 
 def _inputs(tok, texts=("goal team coach", "profit bank stock merger revenue")):
@@ -34,20 +35,6 @@ def test_at_init_the_mixture_equals_the_base_model(tiny_base, tiny_tok, method, 
 
 def _snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def model_with_tasks(base_model, lora, method, tasks, b_std: float = 0.0) -> MoECLModel:
-    """A MoECLModel that knows `tasks` (TaskInfo); with b_std, every LoRA B drawn from N(0, b_std), so that
-    no delta is zero and every LoRA parameter gets a gradient."""
-    model = MoECLModel(base_model, lora, method)
-    for info in tasks:
-        model.add_task(info)
-    if b_std:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(".B"):
-                    p.normal_(0, b_std)
-    return model
 
 
 def test_what_changed_after_two_steps(tiny_base, fast_params, two_tasks, tmp_path):

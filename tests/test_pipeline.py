@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cli_core import write_task_folder
+from moecl.testing import write_task_folder
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -111,9 +111,9 @@ def test_gate_and_promote_read_the_evaluate_stages_metrics_only_when_they_are_th
     from moecl.stages import _challenger_metrics
 
     monkeypatch.chdir(tmp_path)
-    manifest = {"tasks": [{"task_id": "news"}, {"task_id": "spam"}], "lineage": {"trained_task": "spam"}}
+    challenger = (["news", "spam"], "spam")  # its tasks, its newest task
     with pytest.raises(MoeclError, match="cl.json is missing"):
-        _challenger_metrics(manifest)
+        _challenger_metrics(*challenger)
     metrics = ContinualMetrics(
         order=["news", "spam"],
         matrix=[{"news": 0.8}, {"news": 0.75, "spam": 0.9}],
@@ -121,11 +121,8 @@ def test_gate_and_promote_read_the_evaluate_stages_metrics_only_when_they_are_th
         zero_shot={"news": 0.25, "spam": 0.5},
     )
     write_json_atomic(Path("metrics/cl.json"), metrics.as_dict())
-    assert _challenger_metrics(manifest).as_dict() == metrics.as_dict()
+    assert _challenger_metrics(*challenger).as_dict() == metrics.as_dict()
 
-    for other in (
-        {**manifest, "lineage": {"trained_task": "news"}},
-        {**manifest, "tasks": [{"task_id": "news"}, {"task_id": "spam"}, {"task_id": "faq"}]},
-    ):
+    for other in ((["news", "spam"], "news"), (["news", "spam", "faq"], "spam")):
         with pytest.raises(MoeclError, match="does not belong to pipeline/challenger"):
-            _challenger_metrics(other)
+            _challenger_metrics(*other)

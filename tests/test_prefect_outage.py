@@ -14,42 +14,32 @@ Either way the version is registered and decided exactly once: the registry, not
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-# Prefect reads its settings on first import: keep this session's Prefect files out of ~/.prefect.
-if "prefect" not in sys.modules and not os.environ.get("PREFECT_HOME"):
-    _home = tempfile.mkdtemp(prefix="moecl-prefect-home-")
-    os.environ["PREFECT_HOME"] = _home
-    atexit.register(shutil.rmtree, _home, True)
-
-from moecl.data.validate import task_folder_hash  # noqa: E402
-from moecl.errors import IntegrityError  # noqa: E402
-from moecl.registry import Registry  # noqa: E402
-from moecl.testing import make_task  # noqa: E402
-from tests import test_reliability as reliability  # noqa: E402
-from tests.test_reliability import (  # noqa: E402
+from moecl.data.validate import task_folder_hash
+from moecl.errors import IntegrityError
+from moecl.registry import Registry
+from moecl.testing import (
     NO_MODEL,
-    _sentiment,
     assert_consistent,
     decisions,
     land,
+    make_task,
+    no_training,
+    sentiment_task,
     tree,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-# the workspaces of tests/test_reliability.py: champion v0001 knows `topics`; each test works on a copy
-champion_ws, ws, flow_server = reliability.champion_ws, reliability.ws, reliability.flow_server
-one_torch_thread = reliability.one_torch_thread
+# the workspaces and flow_server of tests/conftest.py: champion v0001 knows `topics`; each test works on a copy
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # A run of the self_evolve flow in its own process, on the tiny model, against PREFECT_API_URL. With a fault, the
 # server (process group MOECL_SERVER_PID) is stopped at that point of the run, and the run goes on without it.
@@ -120,7 +110,7 @@ def test_the_prefect_api_going_away_mid_run_loses_no_version_and_processes_none_
     from flows.server import start_server
     from moecl.io import free_port
 
-    version = task_folder_hash(land(ws, _sentiment()))
+    version = task_folder_hash(land(ws, sentiment_task()))
     champion_file = ws / "registry" / "champion.json"
     old_champion = champion_file.read_bytes()
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
@@ -195,7 +185,7 @@ def test_the_flow_records_a_version_as_failed_for_integrity_and_keeps_the_champi
     data = bytearray((bank / "expert-topics.safetensors").read_bytes())
     data[len(data) // 2] ^= 0x10
     (bank / "expert-topics.safetensors").write_bytes(bytes(data))
-    monkeypatch.setattr("moecl.train.launch.launch_step", reliability._never)
+    monkeypatch.setattr("moecl.train.launch.launch_step", no_training)
     before = tree(ws)
     with injected_base(NO_MODEL):
         state = process_dataset_version("sentiment", version, return_state=True)

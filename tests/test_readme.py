@@ -144,4 +144,4 @@ def test_the_readme_by_hand_section_runs_as_written(tmp_path, tiny_tok, two_task
     assert f"step: continuing from the champion v0002 ({champion_bank})" in run.stderr
     last = json.loads((workspace / "banks" / "last-step.json").read_text())
     assert last["task"] == "tickets" and (workspace / last["parent"]).resolve() == champion_bank.resolve()
-    assert read_manifest(workspace / last["bank"])["lineage"]["params"]["train"]["epochs"] == 1
+    assert read_manifest(workspace / last["bank"]).lineage.params["train"]["epochs"] == 1

@@ -14,18 +14,7 @@ import pytest
 
 from moecl.cli import main
 from moecl.registry import Registry, RegistryError, normalize_version
-
-
-def _bank(root: Path, name: str) -> Path:
-    """A bank folder with a whole (sealed) manifest and no tensor files: enough for the registry."""
-    from moecl.integrity import seal
-
-    bank = root / "banks" / name
-    bank.mkdir(parents=True)
-    manifest = {"base_model": {"name": "none", "sha256": "0" * 64}, "method": {}, "lora": {}}
-    manifest.update(tasks=[], shared=None, steps=[], lineage={})
-    (bank / "bank.json").write_text(json.dumps(seal(manifest)))
-    return bank
+from moecl.testing import stub_bank
 
 
 @pytest.fixture
@@ -48,7 +37,7 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 def test_register_promote_rollback_cycle(project: Path, registry: Registry) -> None:
     assert registry.champion() is None and registry.champion_bank() is None
     a = registry.register(
-        _bank(project, "a"),
+        stub_bank(project, "a"),
         task_id="t1",
         data_version="h1",
         data_hashes={"t1": "h1"},
@@ -67,7 +56,7 @@ def test_register_promote_rollback_cycle(project: Path, registry: Registry) -> N
         registry.promote("v1")
     assert registry.champion_bank() == project / "banks/a"
 
-    b = registry.register(_bank(project, "b"), task_id="t2", data_version="h2", parent_version="v0001")
+    b = registry.register(stub_bank(project, "b"), task_id="t2", data_version="h2", parent_version="v0001")
     assert b.version == "v0002" and b.parent_version == "v0001"
     registry.promote("2")
     assert json.loads(registry.champion_path.read_text()) == {"version": "v0002", "previous": ["v0001"]}
@@ -91,10 +80,10 @@ def test_register_promote_rollback_cycle(project: Path, registry: Registry) -> N
 
 
 def test_rejection_leaves_the_champion_and_processed_finds_it(project: Path, registry: Registry) -> None:
-    a = registry.register(_bank(project, "a"), task_id="t1", data_version="h1")
+    a = registry.register(stub_bank(project, "a"), task_id="t1", data_version="h1")
     registry.promote(a.version)
     champion_before = registry.champion_path.read_bytes()
-    b = registry.register(_bank(project, "b"), task_id="t1", data_hashes={"t1": "h2"})
+    b = registry.register(stub_bank(project, "b"), task_id="t1", data_hashes={"t1": "h2"})
     assert registry.processed("t1", "h2") is None  # a candidate is not a decision yet
     registry.record_rejection(b.version, ["bwt below -0.05"])
     assert registry.champion_path.read_bytes() == champion_before
@@ -114,7 +103,7 @@ def test_promote_unknown_or_missing_bank_writes_nothing(project: Path, registry:
         registry.rollback()
     assert not registry.root.exists()
 
-    bank = _bank(project, "a")
+    bank = stub_bank(project, "a")
     registry.register(bank)
     (bank / "bank.json").unlink()
     bank.rmdir()
@@ -131,13 +120,13 @@ def test_promote_unknown_or_missing_bank_writes_nothing(project: Path, registry:
 def test_torn_last_event_line_is_ignored_and_the_next_append_is_clean(
     project: Path, registry: Registry
 ) -> None:
-    a = registry.register(_bank(project, "a"), task_id="t1", data_version="h1")
+    a = registry.register(stub_bank(project, "a"), task_id="t1", data_version="h1")
     registry.promote(a.version)
     with open(registry.events_path, "a") as fh:
         fh.write('{"event": "rejected", "version": "v00')  # a crash mid-write
     assert registry.get("v0001").status == "promoted"
     assert len(registry.history_events()) == 2
-    b = registry.register(_bank(project, "b"))
+    b = registry.register(stub_bank(project, "b"))
     assert registry.get(b.version).status == "candidate"
     assert [e["event"] for e in registry.history_events()] == ["registered", "promoted", "registered"]
 
@@ -147,7 +136,7 @@ def _register_one(root: str, bank: str) -> str:
 
 
 def test_version_ids_are_unique_under_concurrency(project: Path, registry: Registry) -> None:
-    bank = _bank(project, "shared")
+    bank = stub_bank(project, "shared")
     with multiprocessing.get_context("spawn").Pool(8) as pool:
         versions = pool.starmap(_register_one, [(str(registry.root), str(bank))] * 8)
     assert sorted(versions) == [f"v{i:04d}" for i in range(1, 9)]
@@ -157,8 +146,8 @@ def test_version_ids_are_unique_under_concurrency(project: Path, registry: Regis
 
 
 def test_crash_during_promotion_leaves_old_champion(project: Path, registry: Registry, monkeypatch) -> None:
-    a = registry.register(_bank(project, "a"))
-    b = registry.register(_bank(project, "b"))
+    a = registry.register(stub_bank(project, "a"))
+    b = registry.register(stub_bank(project, "b"))
     registry.promote(a.version)
 
     def crash(*args, **kwargs):
@@ -186,8 +175,8 @@ Registry(sys.argv[1]).promote(sys.argv[2])
 
 
 def test_killed_promotion_leaves_a_valid_champion(project: Path, registry: Registry) -> None:
-    a = registry.register(_bank(project, "a"))
-    b = registry.register(_bank(project, "b"))
+    a = registry.register(stub_bank(project, "a"))
+    b = registry.register(stub_bank(project, "b"))
     registry.promote(a.version)
     proc = subprocess.run([sys.executable, "-c", _KILLED_PROMOTION, str(registry.root), b.version])
     assert proc.returncode == 9
@@ -205,7 +194,7 @@ def test_normalize_version() -> None:
 
 def test_gto_mirror_tags_prod_and_never_breaks_promotion(project: Path, monkeypatch) -> None:
     registry = Registry(project / "registry", gto_mirror=True)
-    bank = _bank(project, "a")
+    bank = stub_bank(project, "a")
     registry.promote(registry.register(bank).version)  # not a git repo: a warning, still promoted
     assert registry.champion().version == "v0001"
 
@@ -215,7 +204,7 @@ def test_gto_mirror_tags_prod_and_never_breaks_promotion(project: Path, monkeypa
         monkeypatch.setenv(key, "t@example.com")
     subprocess.run(["git", "init", "-q"], cwd=project, check=True)
     subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "init"], cwd=project, check=True)
-    b = registry.register(_bank(project, "b"))
+    b = registry.register(stub_bank(project, "b"))
     assert b.code_revision
     registry.promote(b.version)
     tags = subprocess.run(["git", "tag"], cwd=project, capture_output=True, text=True).stdout.split()
@@ -227,9 +216,9 @@ def test_cli_list_show_promote_rollback(project: Path, registry: Registry, monke
     assert main(["registry", "list"]) == 0
     assert "no versions" in capsys.readouterr().out
     registry.register(
-        _bank(project, "a"), task_id="t1", data_version="h1", metrics={"acc": 0.75, "bwt": -0.01}
+        stub_bank(project, "a"), task_id="t1", data_version="h1", metrics={"acc": 0.75, "bwt": -0.01}
     )
-    registry.register(_bank(project, "b"), task_id="t2", data_version="h2", metrics={"acc": 0.7})
+    registry.register(stub_bank(project, "b"), task_id="t2", data_version="h2", metrics={"acc": 0.7})
 
     assert main(["promote", "v0001"]) == 0
     assert main(["promote", "2", "--reason", "gate passed"]) == 0

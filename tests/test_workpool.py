@@ -1,29 +1,19 @@
 """The self-evolution deployments on a Prefect work pool, run by a real `prefect worker` process (slow), and the
 cheap parts of `moecl deploy`."""
 
-import atexit
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-# Prefect reads its settings on first import: keep this session's Prefect files out of ~/.prefect.
-if "prefect" not in sys.modules and not os.environ.get("PREFECT_HOME"):
-    _home = tempfile.mkdtemp(prefix="moecl-prefect-home-")
-    os.environ["PREFECT_HOME"] = _home
-    atexit.register(shutil.rmtree, _home, True)
-
-from flows import artifacts as art  # noqa: E402
-from tests.test_cli_core import write_task_folder  # noqa: E402
-from tests.test_flows import FAR_CRON  # noqa: E402
+from flows import artifacts as art
+from moecl.testing import FAR_CRON, write_task_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = "moecl-test-pool"

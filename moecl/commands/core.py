@@ -65,7 +65,7 @@ def cmd_step(args) -> int:
     parent = step_parent(params, bank=args.bank, new=args.new)
     print(f"step: {parent.why}", file=sys.stderr)
     # a corrupted parent is refused before anything is loaded
-    known = [t["task_id"] for t in verify_bank(parent.bank)["tasks"]] if parent.bank else []
+    known = verify_bank(parent.bank).task_ids if parent.bank else []
     # every task is validated before anything is loaded or written
     tasks = load_tasks(params, list(dict.fromkeys(known + [args.task])))
     task = tasks.pop(args.task)
@@ -125,8 +125,9 @@ def cmd_eval(args) -> int:
     params = _params(args)
     bank = resolve_bank(params, args.bank, "eval")
     manifest = verify_bank(bank)  # a corrupted bank is refused before anything is loaded
-    tasks = load_tasks(params, [t["task_id"] for t in manifest["tasks"]])
-    record = evaluate_bank(bank, base_from_params(params.model), tasks, params, progress=not args.quiet)
+    tasks = load_tasks(params, manifest.task_ids)
+    evaluation = evaluate_bank(bank, base_from_params(params.model), tasks, params, progress=not args.quiet)
+    record = evaluation.record  # as evaluation.json holds it: the command prints and writes what is stored
     if args.out:
         from moecl.io import write_json_atomic
 
@@ -135,7 +136,7 @@ def cmd_eval(args) -> int:
         print(json.dumps(record, indent=2))
     else:
         print(format_matrix(record["metrics"]))
-        for task_id, rate in record.get("stripping_rate", {}).items():
+        for task_id, rate in evaluation.stripping_rate.items():
             print(
                 f"stripping rate {task_id}: {rate:.3f} (precision >= {params.evaluate.stripping_precision})"
             )
@@ -200,7 +201,7 @@ def cmd_predict(args) -> int:
 
     params = _params(args)
     bank = resolve_bank(params, args.bank, "predict", args.task)
-    known = [t["task_id"] for t in verify_bank(bank)["tasks"]]  # a corrupted bank is refused here
+    known = verify_bank(bank).task_ids  # a corrupted bank is refused here
     if args.task not in known:  # checked before the model is loaded
         raise UnknownTaskError(
             f"unknown task {args.task!r}: the bank {bank} knows {', '.join(known) or 'none'}; "

@@ -22,6 +22,7 @@ from moecl.bank import load_bank, new_model, read_evaluation, read_manifest, sav
 from moecl.config import Params
 from moecl.data.task import TaskData
 from moecl.errors import BankError, MoeclError
+from moecl.manifest import CONTENT_HASH_KEY
 from moecl.model.base import BaseSpec, preferred_device
 from moecl.model.encoding import Encoder
 from moecl.model.moecl_model import TaskInfo
@@ -75,8 +76,7 @@ def parent_history(parent_bank: Path | None) -> dict:
     if parent_bank is None:
         return {"matrix": [], "before_training": {}, "zero_shot": {}}
     evaluation = read_evaluation(parent_bank)
-    manifest = read_manifest(parent_bank)
-    history = dict(manifest.get("history") or {})
+    history = dict(read_manifest(parent_bank).history)
     if evaluation:
         history["matrix"] = evaluation["rows"]
     history.setdefault("matrix", [])
@@ -136,7 +136,7 @@ def run_step(
                 "start a new bank to change it"
             )
         model.method = dataclasses.replace(params.method)  # the training knobs of this step
-        steps = list(loaded.manifest.get("steps", []))
+        steps = list(loaded.manifest.steps)
     else:
         model, tokenizer = new_model(base, params.lora, params.method)
         memory, steps = {}, []
@@ -219,7 +219,7 @@ def run_step(
         parent_dir=parent_bank,
         steps=steps + [task.task_id],
         history=history,
-        lineage={"data_hash": task.content_hash(), "params": params.to_dict(), **(lineage or {})},
+        lineage={CONTENT_HASH_KEY: task.content_hash(), "params": params.to_dict(), **(lineage or {})},
         memory={task.task_id: memory[task.task_id]} if task.task_id in memory else None,
         train_summary=summary,
     )

@@ -85,7 +85,7 @@ def _run(args) -> int:
     elif args.eval == "listed":
         eval_tasks = {t.task_id: t for t in (load_task(Path(d), params.data) for d in args.eval_task_dir)}
     else:
-        known = [t["task_id"] for t in read_manifest(args.bank)["tasks"]] if args.bank else []
+        known = read_manifest(args.bank).task_ids if args.bank else []
         root = Path(params.data.root)
         eval_tasks = {t: load_task(root / t, params.data) for t in known if t != task.task_id}
     replay_tasks = {t.task_id: t for t in (load_task(Path(d), params.data) for d in args.replay_task_dir)}
