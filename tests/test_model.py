@@ -418,6 +418,13 @@ def test_the_fused_layer_is_the_gated_sum_of_two_full_experts(tiny_base):
     torch.testing.assert_close(fused, expected, rtol=1e-4, atol=1e-5)
 
 
+def _two_task_moecl(tiny_base) -> MoECLModel:
+    """moecl with tasks a and b, every LoRA B non-zero (so every delta acts), in eval mode (no dropout)."""
+    tasks = [TaskInfo("a", ["x"]), TaskInfo("b", ["x"])]
+    model = model_with_tasks(tiny_base.load()[0], Params().lora, MethodConfig(name="moecl"), tasks, 0.05)
+    return model.eval()
+
+
 def test_the_reversal_layer_flips_the_sign_of_an_independently_computed_gradient(
     tiny_base, tiny_tok, monkeypatch
 ):
@@ -427,15 +434,7 @@ def test_the_reversal_layer_flips_the_sign_of_an_independently_computed_gradient
     from moecl.model.encoding import Encoded, collate, pad_id
     from moecl.train.terms import AdversarialTerm
 
-    base_model, _ = tiny_base.load()
-    model = model_with_tasks(
-        base_model,
-        Params().lora,
-        MethodConfig(name="moecl"),
-        [TaskInfo("a", ["x"]), TaskInfo("b", ["x"])],
-        0.05,
-    )
-    model.eval()
+    model = _two_task_moecl(tiny_base)
     texts = [("goal team", "a"), ("profit bank stock", "b"), ("coach win cup", "a")]
     batch = collate([Encoded(tiny_tok(t)["input_ids"], 0, -1, task) for t, task in texts], pad_id(tiny_tok))
 
@@ -468,15 +467,7 @@ def test_the_discriminator_pools_real_tokens_only(tiny_base, tiny_tok):
     pooled."""
     from moecl.model.encoding import Encoded, collate, pad_id
 
-    base_model, _ = tiny_base.load()
-    model = model_with_tasks(
-        base_model,
-        Params().lora,
-        MethodConfig(name="moecl"),
-        [TaskInfo("a", ["x"]), TaskInfo("b", ["x"])],
-        0.05,
-    )
-    model.eval()
+    model = _two_task_moecl(tiny_base)
     short = Encoded(tiny_tok("goal team")["input_ids"], 0, -1, "a")
     long = Encoded(tiny_tok("profit bank stock merger revenue trade market")["input_ids"], 0, -1, "b")
 
