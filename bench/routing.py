@@ -19,15 +19,19 @@ from pathlib import Path
 import torch
 
 from moecl.model.encoding import Encoder, collate, pad_id
+from moecl.model.moecl_model import expert_name
 
 
 @torch.no_grad()
 def dedicated_share(model, tokenizer, task_id: str, texts: list[str], max_length: int, batch_size: int = 16):
     """Per layer, beta_t (the gate's weight on the task's dedicated expert) averaged over the real tokens of
-    `texts` routed as `task_id`. Returns a list with one float per layer; raises ValueError for a model
-    without gates (methods other than moecl)."""
+    `texts` routed as `task_id` (through the one gate of each layer, or the task's own gate with
+    method.task_gates). Returns a list with one float per layer; raises ValueError for a model without gates
+    (methods other than moecl)."""
     layers = list(model.layers)
-    if any(layer.gate is None for layer in layers):
+    own = expert_name(task_id)
+    gates = [layer.gate if layer.gate is not None else layer.task_gates.get(own) for layer in layers]
+    if any(gate is None for gate in gates):
         raise ValueError("this bank has no gates: only the moecl methods mix a shared and a dedicated expert")
     info = model.task(task_id)
     encoder = Encoder(tokenizer, task_id, info.labels, info.instruction, model.mode, max_length)
@@ -41,7 +45,7 @@ def dedicated_share(model, tokenizer, task_id: str, texts: list[str], max_length
         weights = torch.softmax(logits.float(), dim=-1)[..., 1]  # (batch, tokens): beta_t
         captured.append((weights * mask).sum().double())
 
-    hooks = [layer.gate.register_forward_hook(capture) for layer in layers]
+    hooks = [gate.register_forward_hook(capture) for gate in gates]
     was_training = model.training
     try:
         model.eval()

@@ -102,3 +102,26 @@ def test_routing_probe_refuses_a_bank_without_gates(tiny_base, two_tasks, tmp_pa
     loaded = load_bank(tmp_path / "seq", tiny_base)
     with pytest.raises(ValueError, match="no gates"):
         dedicated_share(loaded.model, loaded.tokenizer, "topics", ["a text"], 48)
+
+
+def test_routing_probe_reads_each_tasks_own_gate(tiny_base, tiny_tok):
+    """With method.task_gates the probe reads the task's own gate: a bias of b gives beta_t = sigmoid(b) when
+    the gate's weights are zero."""
+    from bench.routing import dedicated_share
+    from moecl.config import MethodConfig, Params
+    from moecl.model.moecl_model import MoECLModel, TaskInfo, expert_name
+
+    model = MoECLModel(
+        tiny_base.load()[0], Params().lora, MethodConfig(name="moecl", task_gates=True, gate_bias=1.0)
+    )
+    model.add_task(TaskInfo("t1", ["a", "b"]))
+    model.add_task(TaskInfo("t2", ["a", "b"]))
+    with torch.no_grad():
+        for layer in model.layers:
+            for gate in layer.task_gates.values():
+                gate.weight.zero_()
+            layer.task_gates[expert_name("t2")].bias.copy_(torch.tensor([0.0, -1.0]))
+    share_1 = dedicated_share(model, tiny_tok, "t1", ["alpha beta", "gamma"], 32)
+    share_2 = dedicated_share(model, tiny_tok, "t2", ["alpha beta", "gamma"], 32)
+    assert share_1 == pytest.approx([float(torch.sigmoid(torch.tensor(1.0)))] * len(model.layers), abs=1e-6)
+    assert share_2 == pytest.approx([float(torch.sigmoid(torch.tensor(-1.0)))] * len(model.layers), abs=1e-6)
