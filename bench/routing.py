@@ -30,7 +30,7 @@ def dedicated_share(model, tokenizer, task_id: str, texts: list[str], max_length
     (methods other than moecl)."""
     layers = list(model.layers)
     own = expert_name(task_id)
-    gates = [layer.gate if layer.gate is not None else layer.task_gates.get(own) for layer in layers]
+    gates = [layer.gate or (layer.task_gates[own] if own in layer.task_gates else None) for layer in layers]
     if any(gate is None for gate in gates):
         raise ValueError("this bank has no gates: only the moecl methods mix a shared and a dedicated expert")
     info = model.task(task_id)
