@@ -70,15 +70,15 @@ class MethodConfig:
     # --- beyond the paper (PAPER_SETTING holds the paper's values) ---
     paper: bool = False  # true: every knob below takes the paper's value, whatever it is set to
     shared_lr_scale: float = 1.0  # the shared expert's learning rate as a fraction of train.lr
-    gate_bias: float = 0.0  # initial gate logit towards the dedicated expert: beta_t starts at sigmoid(bias)
-    task_gates: bool = False  # one gate per task (stored with its expert, frozen after its task)
+    gate_bias: float = 1.25  # initial gate logit towards the dedicated expert: beta_t starts at sigmoid(bias)
+    task_gates: bool = True  # one gate per task (stored with its expert, frozen after its task)
     shared_orthogonal: bool = (
         False  # the shared expert grows one LoRA chunk per task, orthogonal to the earlier
     )
     shared_orth_lambda: float = 0.5  # weight of that orthogonality loss
     discriminator_span: str = "all"  # tokens the discriminator pools: all | prompt (not the answer)
     replay_per_task: int = 0  # training records per earlier task replayed through the task loss
-    dedicated_init: str = "zero"  # a new task's expert: zero (B = 0) | shared (a copy of the shared expert)
+    dedicated_init: str = "shared"  # a new task's expert: zero (B = 0) | shared (a copy of the shared expert)
 
     @property
     def spec(self):

@@ -305,3 +305,13 @@ def artifacts_and_logs(run_ids: list) -> tuple[list[str], list[str]]:
         )
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=run_ids)))
     return [f"{a.key}\n{a.description}\n{a.data}" for a in artifacts], [log.message for log in logs]
+
+
+def paper_method(**changes):
+    """MethodConfig with every beyond-the-paper knob at the paper's value (MoE-CL as published), then `changes`:
+    for tests about the paper's structure (one gate per layer, experts starting at zero)."""
+    import dataclasses
+
+    from moecl.config import MethodConfig
+
+    return dataclasses.replace(MethodConfig().paper_setting(), paper=False, **changes)

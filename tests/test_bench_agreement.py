@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from moecl.testing import paper_method
+
 
 @pytest.fixture(scope="module")
 def banks(tmp_path_factory, tiny_base, two_tasks):
@@ -16,7 +18,7 @@ def banks(tmp_path_factory, tiny_base, two_tasks):
     from moecl.train.step import run_step
 
     params = Params()
-    params.method.mode = "instruction"
+    params.method = paper_method(mode="instruction")  # one gate per layer: a "gate" parameter group
     params.train.epochs, params.train.lr, params.train.max_length = 2, 5e-3, 64
     params.evaluate.max_new_tokens = 3
     root = tmp_path_factory.mktemp("agreement")

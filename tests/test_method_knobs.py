@@ -9,6 +9,7 @@ import torch
 from moecl.config import PAPER_SETTING, MethodConfig, Params, ParamsError, apply_overrides
 from moecl.model.encoding import Encoder, collate, pad_id
 from moecl.model.moecl_model import SHARED, MoECLModel, TaskInfo, expert_name, shared_chunk_name
+from moecl.testing import paper_method
 
 
 def _two_steps(tiny_base, params, two_tasks, tmp_path):
@@ -61,8 +62,7 @@ def test_a_bank_that_predates_the_knobs_loads_with_the_papers_values():
 
 def test_shared_lr_scale_zero_leaves_the_shared_expert_as_it_was(tiny_base, fast_params, two_tasks, tmp_path):
     params = copy.deepcopy(fast_params)
-    params.method.name = "moecl_nogan"
-    params.method.shared_lr_scale = 0.0
+    params.method = paper_method(name="moecl_nogan", shared_lr_scale=0.0)  # one gate, in the shared file
     before, after = _two_steps(tiny_base, params, two_tasks, tmp_path)
     old, new = before.shared_parameters(), after.shared_parameters()
     changed = _changed(old, new)
@@ -76,7 +76,7 @@ def test_shared_lr_scale_sets_the_shared_experts_own_learning_rate(tiny_base):
     from moecl.train.loop import optimizer_groups
 
     base_model, _ = tiny_base.load()
-    method = MethodConfig(name="moecl", shared_lr_scale=0.25)
+    method = paper_method(name="moecl", shared_lr_scale=0.25)
     model = MoECLModel(base_model, Params().lora, method)
     model.add_task(TaskInfo("t1", ["a", "b"]))
     trainable = model.trainable_parameters("t1")
@@ -113,12 +113,12 @@ def _beta_t(model: MoECLModel, tok, tasks: list[str]) -> torch.Tensor:
 
 def test_gate_bias_starts_the_gate_leaning_to_the_dedicated_expert(tiny_base, tiny_tok):
     base_model, _ = tiny_base.load()
-    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl", gate_bias=1.25))
+    model = MoECLModel(base_model, Params().lora, paper_method(name="moecl", gate_bias=1.25))
     model.add_task(TaskInfo("t1", ["a", "b"]))
     beta = _beta_t(model, tiny_tok, ["t1"])
     expected = torch.sigmoid(torch.tensor(1.25))
     assert torch.allclose(beta, expected.expand_as(beta), atol=0.03)
-    paper = MoECLModel(tiny_base.load()[0], Params().lora, MethodConfig(name="moecl"))
+    paper = MoECLModel(tiny_base.load()[0], Params().lora, paper_method(name="moecl"))
     paper.add_task(TaskInfo("t1", ["a", "b"]))
     assert torch.allclose(_beta_t(paper, tiny_tok, ["t1"]), torch.tensor(0.5), atol=0.03)
 
@@ -145,7 +145,7 @@ def test_task_gates_are_frozen_with_their_task(tiny_base, fast_params, two_tasks
 
 def test_a_mixed_batch_goes_through_each_rows_own_task_gate(tiny_base, tiny_tok):
     base_model, _ = tiny_base.load()
-    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl", task_gates=True))
+    model = MoECLModel(base_model, Params().lora, paper_method(name="moecl", task_gates=True))
     model.add_task(TaskInfo("t1", ["a", "b"]))
     model.add_task(TaskInfo("t2", ["a", "b"]))
     with torch.no_grad():
@@ -178,7 +178,7 @@ def test_orthogonal_shared_chunks_freeze_and_stay_orthogonal(tiny_base, fast_par
     from moecl.train.terms import build_terms
 
     params = copy.deepcopy(fast_params)
-    params.method.shared_orthogonal = True
+    params.method = paper_method(shared_orthogonal=True)
     before, after = _two_steps(tiny_base, params, two_tasks, tmp_path)
     assert after.shared_names == (shared_chunk_name("topics"), shared_chunk_name("sentiment"))
     assert all(SHARED not in layer.experts for layer in after.layers)
@@ -222,7 +222,7 @@ def _d(layer, projection, x):
 
 def test_prompt_span_pools_the_discriminator_over_the_prompt_alone(tiny_base, tiny_tok):
     base_model, _ = tiny_base.load()
-    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl", mode="instruction"))
+    model = MoECLModel(base_model, Params().lora, paper_method(name="moecl", mode="instruction"))
     model.add_task(TaskInfo("t1", ["yes", "no"]))
     model.add_task(TaskInfo("t2", ["yes", "no"]))
     with torch.no_grad():
@@ -316,8 +316,9 @@ def test_a_step_refuses_a_bank_of_another_structure(tiny_base, fast_params, two_
     t1, t2 = two_tasks
     run_step(fast_params, t1, base=tiny_base, out_bank=tmp_path / "b1", progress=False)
     other = copy.deepcopy(fast_params)
-    other.method = dataclasses.replace(other.method, task_gates=True)
-    with pytest.raises(MoeclError, match="method.task_gates=True but the bank"):
+    flipped = not fast_params.method.task_gates
+    other.method = dataclasses.replace(other.method, task_gates=flipped)
+    with pytest.raises(MoeclError, match=f"method.task_gates={flipped} but the bank"):
         run_step(
             other, t2, base=tiny_base, parent_bank=tmp_path / "b1", out_bank=tmp_path / "b2", progress=False
         )
@@ -381,7 +382,7 @@ def test_a_warm_started_expert_starts_the_new_task_at_the_shared_expert(tiny_bas
     much of FFN_s the new task gets."""
 
     def model_after_task1(dedicated_init):
-        method = MethodConfig(name="moecl", dedicated_init=dedicated_init)
+        method = paper_method(name="moecl", dedicated_init=dedicated_init)
         model = MoECLModel(tiny_base.load()[0], Params().lora, method)
         model.add_task(TaskInfo("t1", ["a", "b"]))
         generator = torch.Generator().manual_seed(0)

@@ -7,7 +7,7 @@ import torch
 
 from moecl.config import METHODS, MethodConfig, Params
 from moecl.model.moecl_model import SHARED, MoECLModel, TaskInfo, expert_name
-from moecl.testing import model_with_tasks
+from moecl.testing import model_with_tasks, paper_method
 
 
 def _inputs(tok, texts=("goal team coach", "profit bank stock merger revenue")):
@@ -44,7 +44,7 @@ def test_what_changed_after_two_steps(tiny_base, fast_params, two_tasks, tmp_pat
 
     t1, t2 = two_tasks
     params = copy.deepcopy(fast_params)
-    params.method.memory_per_task = 4  # so the discriminator sees two classes in step 2
+    params.method = paper_method(memory_per_task=4)  # memory: the discriminator sees two classes in step 2
     run_step(params, t1, base=tiny_base, out_bank=tmp_path / "b1", progress=False)
     before = load_bank(tmp_path / "b1", tiny_base).model
     result = run_step(
@@ -89,7 +89,7 @@ def test_discriminators_learn_while_the_shared_expert_is_reversed(tiny_base, tin
 
     base_model, _ = tiny_base.load()
     torch.manual_seed(0)
-    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl", adv_alpha=0.1))
+    model = MoECLModel(base_model, Params().lora, paper_method(name="moecl", adv_alpha=0.1))
     model.add_task(TaskInfo("a", ["x", "y"]))
     model.add_task(TaskInfo("b", ["x", "y"]))
     texts = [("goal team", "a"), ("profit bank stock", "b"), ("coach win cup", "a"), ("merger trade", "b")]
@@ -165,7 +165,7 @@ def test_moecl_and_moecl_nogan_differ_by_the_adversarial_term_alone(
 
 def test_mixed_batch_routes_each_sample_to_its_own_expert(tiny_base, tiny_tok):
     base_model, _ = tiny_base.load()
-    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl"))
+    model = MoECLModel(base_model, Params().lora, paper_method(name="moecl"))
     model.add_task(TaskInfo("a", ["x", "y"]))
     model.add_task(TaskInfo("b", ["x", "y"]))
     with torch.no_grad():
@@ -190,7 +190,7 @@ def test_mixed_batch_routes_each_sample_to_its_own_expert(tiny_base, tiny_tok):
 def test_base_projections_run_once_per_layer(tiny_base, tiny_tok):
     """The cost claim: gate/up/down base projections run once per forward, whatever the number of experts."""
     base_model, _ = tiny_base.load()
-    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl"))
+    model = MoECLModel(base_model, Params().lora, paper_method(name="moecl"))
     for i in range(5):
         model.add_task(TaskInfo(f"t{i}", ["x", "y"]))
     calls = {"gate_proj": 0, "up_proj": 0, "down_proj": 0}
@@ -208,7 +208,7 @@ def test_base_projections_run_once_per_layer(tiny_base, tiny_tok):
 
 def test_trainable_set_is_exactly_shared_plus_current_task(tiny_base):
     base_model, _ = tiny_base.load()
-    model = MoECLModel(base_model, Params().lora, MethodConfig(name="moecl"))
+    model = MoECLModel(base_model, Params().lora, paper_method(name="moecl"))
     model.add_task(TaskInfo("a", ["x", "y"]))
     model.add_task(TaskInfo("b", ["x", "y"]))
     trainable = {id(p) for p in model.trainable_parameters("b")}
@@ -299,7 +299,7 @@ def test_option_scores_are_each_options_likelihood_after_its_prompt(tiny_base, t
     base_model, tok = tiny_base.load()
     task = two_tasks[0]
     info = TaskInfo(task.task_id, list(task.labels), task.instruction)
-    method = MethodConfig(name="moecl", mode="instruction")
+    method = paper_method(name="moecl", mode="instruction")
     model = model_with_tasks(base_model, Params().lora, method, [info], b_std=0.05)
     model.eval()
     texts = [r.text for r in task.test[:3]]
@@ -337,7 +337,7 @@ def test_a_mixed_batch_gives_each_expert_the_gradient_of_its_own_rows(tiny_base,
     gives alone (rows do not interact, so grouping them must not change any gradient)."""
     base_model, _ = tiny_base.load()
     infos = [TaskInfo(t, ["x", "y"]) for t in ("a", "b", "c")]
-    model = model_with_tasks(base_model, Params().lora, MethodConfig(name="moecl"), infos, b_std=0.3)
+    model = model_with_tasks(base_model, Params().lora, paper_method(name="moecl"), infos, b_std=0.3)
     model.eval()  # no dropout: the same computation row by row
     ids, mask = _inputs(tiny_tok, ("goal team coach", "profit bank stock merger revenue", "rain wind storm"))
     routes = ["a", "b", "a"]
@@ -390,7 +390,7 @@ def test_the_fused_layer_is_the_gated_sum_of_two_full_experts(tiny_base):
     with each expert's FFN computed from its own merged weights W + scale * B A."""
     base_model, _ = tiny_base.load()
     model = model_with_tasks(
-        base_model, Params().lora, MethodConfig(name="moecl"), [TaskInfo("t1", ["a"])], 0.1
+        base_model, Params().lora, paper_method(name="moecl"), [TaskInfo("t1", ["a"])], 0.1
     )
     layer = model.layers[0]
     with torch.no_grad():
@@ -421,7 +421,7 @@ def test_the_fused_layer_is_the_gated_sum_of_two_full_experts(tiny_base):
 def _two_task_moecl(tiny_base) -> MoECLModel:
     """moecl with tasks a and b, every LoRA B non-zero (so every delta acts), in eval mode (no dropout)."""
     tasks = [TaskInfo("a", ["x"]), TaskInfo("b", ["x"])]
-    model = model_with_tasks(tiny_base.load()[0], Params().lora, MethodConfig(name="moecl"), tasks, 0.05)
+    model = model_with_tasks(tiny_base.load()[0], Params().lora, paper_method(name="moecl"), tasks, 0.05)
     return model.eval()
 
 
