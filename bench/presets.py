@@ -1,44 +1,24 @@
-"""Benchmark presets: which backbone, data, methods, orders and sizes a run uses.
+"""Benchmark presets, as plain data: which backbone, data, orders, rows and sizes a run uses.
 
-A preset is plain data; `bench.run` turns it into moecl Params (one per row and mode: bench.params) and runs
-it. Its rows ("methods") are variant names (bench.variants): a library method plus method-knob overrides.
-CLI flags (--methods, --modes, --orders, --seeds) select; --per-class, --test-per-task, --epochs, --max-length
-resize.
+A preset's `params` and each mode's Params sections (`train`, `evaluate`, ...) are moecl Params overrides,
+laid over COMMON and the library's defaults by bench.params.method_params; the rest is the bench's own:
+`per_class` / `test_per_task` (the data sample), `cost` (bench/cost.py), the rows and seeds. CLI flags
+(--methods, --modes, --orders, --seeds) select; --per-class, --test-per-task, --epochs, --max-length resize.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import copy
 
-# The rows of the main table: the baselines, MoE-CL as published and at the library's defaults, the joint
-# upper bound, and replay offered to every method that can use it (per_task_lora's replayed rows would only
-# pass through frozen experts).
-METHODS = (
-    "seq_lora",
-    "per_task_lora",
-    "o_lora",
-    "moecl_paper",
-    "moecl",
-    "mtl",
-    "seq_lora+replay",
-    "o_lora+replay",
-    "moecl+replay",
-)
+# The main table: the baselines, MoE-CL as published and at the library's defaults, the joint upper bound,
+# and replay for every method it can help (per_task_lora's replayed rows would only pass frozen experts).
+METHODS = "seq_lora per_task_lora o_lora moecl_paper moecl mtl seq_lora+replay o_lora+replay moecl+replay"
+METHODS = tuple(METHODS.split())
 # One row per knob beyond the paper, each added alone to the paper's setting (`--ablation`).
-ABLATION = (
-    "moecl_paper",
-    "moecl_nogan",
-    "moecl_paper+shared_lr",
-    "moecl_paper+gate_bias",
-    "moecl_paper+task_gates",
-    "moecl_paper+warm",
-    "moecl_paper+orth",
-    "moecl_paper+memory",
-    "moecl_paper+replay",
-    "moecl",
+ABLATION = tuple(
+    "moecl_paper moecl_nogan moecl_paper+shared_lr moecl_paper+gate_bias moecl_paper+task_gates "
+    "moecl_paper+warm moecl_paper+orth moecl_paper+memory moecl_paper+replay moecl".split()
 )
-
 # The paper's task orders on the 4-task standard CL benchmark (MTL5 without yelp).
 MTL5_ORDERS = {
     "order1": ["dbpedia", "amazon", "yahoo", "agnews"],
@@ -51,211 +31,123 @@ SYNTHETIC_TASKS = {
     "sentiment": ["positive", "negative"],
     "spam": ["spam", "ham"],
 }
-SYNTHETIC_ORDERS = {
-    "order1": ["topic", "sentiment", "spam"],
-    "order2": ["spam", "sentiment", "topic"],
+SYNTHETIC_ORDERS = {"order1": ["topic", "sentiment", "spam"], "order2": ["spam", "sentiment", "topic"]}
+
+# Params overrides every preset shares: a float32 base, one dev check per epoch, every sampled record used,
+# greedy answers, FWT measured.
+COMMON = {
+    "model": {"dtype": "float32"},
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.05},
+    "method": {"adv_alpha": 0.1},
+    "train": {"dev_fraction": 0.1, "evals_per_epoch": 1, "max_train_examples": 0, "threads": 0},
+    "evaluate": {"instruction_eval": "generate", "max_new_tokens": 8, "batch_size": 16},
 }
-
-
-@dataclass(frozen=True)
-class ModeSize:
-    """Data and training sizes of one mode (classifier heads or instruction tuning)."""
-
-    per_class: int  # training examples sampled per class (the dev split is carved from them)
-    test_per_task: int  # stratified test sample per task
-    epochs: int
-    lr: float
-    batch_size: int
-    max_length: int
-    evals_per_epoch: int = 1
-    dev_fraction: float = 0.1
-    max_new_tokens: int = 8
-    eval_batch_size: int = 16
-
-
-@dataclass(frozen=True)
-class CostSize:
-    """The timing micro-benchmarks (bench/cost.py)."""
-
-    batch_size: int
-    seq_len: int
-    warmup: int
-    repeats: int
-    tasks: int = 4  # tasks already in the model when a method's step is timed (the last one trains)
-    modes: tuple[str, ...] = ("classifier",)
-    scaling_tasks: tuple[int, ...] = (1, 4, 16, 64)
-    scaling_methods: tuple[str, ...] = ("moecl",)
-
-
-@dataclass(frozen=True)
-class Preset:
-    name: str
-    description: str
-    backbone: str  # "tiny": moecl.testing's in-process Llama; "params": the real backbone (params `model:`)
-    data: str  # "synthetic" | "mtl5"
-    orders: dict[str, list[str]]
-    modes: dict[str, ModeSize]
-    cost: CostSize
-    methods: tuple[str, ...] = METHODS
-    ablation: tuple[str, ...] = ABLATION
-    # training seeds beyond `seed` for some rows (training-seed noise; the data sample keeps `seed`)
-    extra_seeds: dict = field(default_factory=dict)
-    replay_per_task: int = 16  # the `replay` knob: training records replayed per earlier task
-    dtype: str = "float32"  # the frozen base's dtype (adapters stay float32)
-    device: str = "cpu"
-    threads: int = 0  # torch CPU threads (0 = torch's default)
-    adv_alpha: float = 0.1
-    seed: int = 42
-    lora: dict = field(default_factory=lambda: {"r": 8, "alpha": 16, "dropout": 0.05})
-
-    def as_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-_SMOKE_MODE = ModeSize(
-    per_class=6, test_per_task=8, epochs=2, lr=5e-3, batch_size=8, max_length=48, max_new_tokens=4
-)
-
-_CPU_INSTRUCTION = ModeSize(
-    # 16 examples/class, 2 epochs, 100 test records per task, prompts cut at 128 tokens: about 120 steps of
-    # 8 x 128 tokens and ~1400 greedy generations per run, ~11 minutes per run on 2 cores. The smallest size
-    # at which the joint upper bound beats seq_lora by more than 3 paired standard errors.
-    per_class=16,
-    test_per_task=100,
-    epochs=2,
-    lr=5e-4,
-    batch_size=8,
-    max_length=128,
-)
-# The first sizes of the cpu preset (6/class, 24 test records, both modes): kept as `cpu-small`; at that
-# size the methods could not be told apart (bench/results/cpu-small.md).
-_CPU_SMALL_MODES = {
-    "instruction": ModeSize(per_class=6, test_per_task=24, epochs=2, lr=5e-4, batch_size=8, max_length=112),
-    "classifier": ModeSize(per_class=4, test_per_task=24, epochs=1, lr=1e-3, batch_size=8, max_length=64),
+COMMON["evaluate"].update(max_test_examples=0, fwt=True)
+# What a preset holds unless it says otherwise (the bench's own choices).
+DEFAULTS = {
+    "methods": METHODS,
+    "ablation": ABLATION,
+    "extra_seeds": {},  # row -> training seeds beyond `seed` (training-seed noise; the data keeps `seed`)
+    "replay_per_task": 16,  # the `replay` knob: training records replayed per earlier task
+    "device": "cpu",
+    "seed": 42,
+    "params": {},
 }
-# Training-seed noise: the rows that carry the comparison also run with a second seed.
+# The cost figures (bench/cost.py): `tasks` already in the model when a step is timed (the last one trains).
+COST = {"tasks": 4, "modes": ["classifier"], "scaling_tasks": [1, 4, 16, 64], "scaling_methods": ["moecl"]}
+
+
+def _mode(
+    per_class: int, test_per_task: int, epochs: int, lr: float, batch: int, max_length: int, **evaluate
+):
+    train = {"epochs": epochs, "lr": lr, "batch_size": batch, "max_length": max_length}
+    return {"per_class": per_class, "test_per_task": test_per_task, "train": train, "evaluate": evaluate}
+
+
+# 16 examples/class, 2 epochs, 100 test records per task, prompts cut at 128 tokens: ~120 steps of 8 x 128
+# tokens and ~1400 greedy generations a run, ~11 minutes on 2 cores; the smallest size at which the joint
+# upper bound beats seq_lora by more than 3 paired standard errors.
+_CPU_INSTRUCTION = _mode(16, 100, 2, 5e-4, 8, 128)
 _SECOND_SEED = {m: (43,) for m in ("seq_lora", "moecl_paper", "moecl", "moecl+replay")}
+# Both modes' cost figures, and how o_lora's step grows with the task count beside moecl's.
+_COST_BOTH = {"modes": ["classifier", "instruction"], "scaling_methods": ["moecl", "o_lora"]}
+_MTL5 = {"backbone": "params", "data": "mtl5", "params": {"train": {"threads": 2}}}
 
 PRESETS = {
-    "smoke": Preset(
-        name="smoke",
-        description="tiny random Llama (moecl.testing), synthetic tasks: every code path in seconds",
-        backbone="tiny",
-        data="synthetic",
-        orders=SYNTHETIC_ORDERS,
-        modes={"classifier": _SMOKE_MODE, "instruction": _SMOKE_MODE},
-        cost=CostSize(
-            batch_size=4,
-            seq_len=32,
-            warmup=1,
-            repeats=2,
-            modes=("classifier", "instruction"),
-            scaling_methods=("moecl", "o_lora"),
+    "smoke": {
+        "description": "tiny random Llama (moecl.testing), synthetic tasks: every code path in seconds",
+        "backbone": "tiny",
+        "data": "synthetic",
+        "orders": SYNTHETIC_ORDERS,
+        "params": {"train": {"threads": 1}},
+        "modes": {m: _mode(6, 8, 2, 5e-3, 8, 48, max_new_tokens=4) for m in ("classifier", "instruction")},
+        "cost": {"batch_size": 4, "seq_len": 32, "warmup": 1, "repeats": 2, **_COST_BOTH},
+        "methods": tuple(
+            "seq_lora per_task_lora o_lora moecl_nogan moecl_paper moecl moecl_mem mtl seq_lora+replay "
+            "moecl+replay".split()
         ),
-        methods=(
-            "seq_lora",
-            "per_task_lora",
-            "o_lora",
-            "moecl_nogan",
-            "moecl_paper",
-            "moecl",
-            "moecl_mem",
-            "mtl",
-            "seq_lora+replay",
-            "moecl+replay",
-        ),
-        replay_per_task=4,
-        threads=1,
-    ),
-    "cpu": Preset(
-        name="cpu",
-        description="SmolLM2-135M-Instruct on 2 CPU cores, instruction mode, order1 (a second seed for the "
+        "replay_per_task": 4,
+    },
+    "cpu": {
+        **_MTL5,
+        "description": "SmolLM2-135M-Instruct on 2 CPU cores, instruction mode, order1 (a second seed for the "
         "rows that carry the comparison); about 11 minutes a run, resumable run by run",
-        backbone="params",
-        data="mtl5",
-        orders={"order1": MTL5_ORDERS["order1"]},
-        modes={"instruction": _CPU_INSTRUCTION},
-        cost=CostSize(batch_size=8, seq_len=128, warmup=1, repeats=3),
-        extra_seeds=_SECOND_SEED,
-        threads=2,
-    ),
-    "cpu-full": Preset(
-        name="cpu-full",
-        description="SmolLM2-135M-Instruct on CPU, instruction mode, all three orders (about 5 hours)",
-        backbone="params",
-        data="mtl5",
-        orders=MTL5_ORDERS,
-        modes={"instruction": _CPU_INSTRUCTION},
-        cost=CostSize(batch_size=8, seq_len=128, warmup=1, repeats=5),
-        threads=2,
-    ),
-    "cpu-small": Preset(
-        name="cpu-small",
-        description="the cpu preset's first size: 6/class, 24 test records, both modes (under an hour); "
+        "orders": {"order1": MTL5_ORDERS["order1"]},
+        "modes": {"instruction": _CPU_INSTRUCTION},
+        "cost": {"batch_size": 8, "seq_len": 128, "warmup": 1, "repeats": 3},
+        "extra_seeds": _SECOND_SEED,
+    },
+    "cpu-full": {
+        **_MTL5,
+        "description": "SmolLM2-135M-Instruct on CPU, instruction mode, all three orders (about 5 hours)",
+        "orders": MTL5_ORDERS,
+        "modes": {"instruction": _CPU_INSTRUCTION},
+        "cost": {"batch_size": 8, "seq_len": 128, "warmup": 1, "repeats": 5},
+    },
+    # The cpu preset's first sizes: at them the methods could not be told apart (bench/results/cpu-small.md).
+    "cpu-small": {
+        **_MTL5,
+        "description": "the cpu preset's first size: 6/class, 24 test records, both modes (under an hour); "
         "too small to tell the methods apart",
-        backbone="params",
-        data="mtl5",
-        orders={"order1": MTL5_ORDERS["order1"]},
-        modes=_CPU_SMALL_MODES,
-        cost=CostSize(batch_size=8, seq_len=128, warmup=1, repeats=3),
-        threads=2,
-    ),
-    "gpu": Preset(
-        name="gpu",
-        description="SmolLM2-135M-Instruct, bf16 base on one CUDA GPU, all three orders, both modes",
-        backbone="params",
-        data="mtl5",
-        orders=MTL5_ORDERS,
-        modes={
-            # Sized for the calibration the CPU preset cannot reach: on CPU, per_task_lora on amazon scored
-            # 0.28 at 16 examples/class and 0.32 at 32 (twice chance is 0.40; bench/results/calibration-*),
-            # so instruction mode trains on 64/class; 100 test records per task, every order. bench/gpu_run.sh
-            # adds a time budget (--budget-minutes; runs go order by order) so the script stays under 8 minutes.
-            "instruction": ModeSize(
-                per_class=64,
-                test_per_task=100,
-                epochs=2,
-                lr=5e-4,
-                batch_size=16,
-                max_length=160,
-                eval_batch_size=100,
-            ),
-            "classifier": ModeSize(
-                per_class=16,
-                test_per_task=200,
-                epochs=2,
-                lr=1e-3,
-                batch_size=16,
-                max_length=160,
-                eval_batch_size=200,
-            ),
+        "orders": {"order1": MTL5_ORDERS["order1"]},
+        "modes": {"instruction": _mode(6, 24, 2, 5e-4, 8, 112), "classifier": _mode(4, 24, 1, 1e-3, 8, 64)},
+        "cost": {"batch_size": 8, "seq_len": 128, "warmup": 1, "repeats": 3},
+    },
+    # Sized for the calibration the CPU cannot reach: there per_task_lora scored 0.28 on amazon at 16/class and
+    # 0.32 at 32 (twice chance is 0.40; bench/results/calibration-*), so instruction mode trains on 64/class.
+    # bench/gpu_run.sh adds a time budget (--budget-minutes; runs go order by order).
+    "gpu": {
+        "description": "SmolLM2-135M-Instruct, bf16 base on one CUDA GPU, all three orders, both modes",
+        "backbone": "params",
+        "data": "mtl5",
+        "orders": MTL5_ORDERS,
+        "params": {"model": {"dtype": "bfloat16"}},
+        "modes": {
+            "instruction": _mode(64, 100, 2, 5e-4, 16, 160, batch_size=100),
+            "classifier": _mode(16, 200, 2, 1e-3, 16, 160, batch_size=200),
         },
-        cost=CostSize(
-            batch_size=16,
-            seq_len=160,
-            warmup=3,
-            repeats=10,
-            modes=("classifier", "instruction"),
-            scaling_methods=("moecl", "o_lora"),
-        ),
-        extra_seeds=_SECOND_SEED,
-        replay_per_task=64,
-        dtype="bfloat16",
-        device="cuda",
-    ),
+        "cost": {"batch_size": 16, "seq_len": 160, "warmup": 3, "repeats": 10, **_COST_BOTH},
+        "extra_seeds": _SECOND_SEED,
+        "replay_per_task": 64,
+        "device": "cuda",
+    },
 }
 
 
-def get_preset(name: str) -> Preset:
+def get_preset(name: str) -> dict:
+    """The preset with its defaults filled in (a copy: the caller may change it)."""
     if name not in PRESETS:
         raise SystemExit(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
-    return PRESETS[name]
+    preset = {"name": name, **copy.deepcopy(DEFAULTS), **copy.deepcopy(PRESETS[name])}
+    preset["cost"] = {**COST, **preset["cost"]}
+    return preset
 
 
-def resized(preset: Preset, **changes) -> Preset:
-    """A preset with some ModeSize fields changed in every mode (CLI flags such as --per-class)."""
-    changes = {k: v for k, v in changes.items() if v is not None}
-    if not changes:
-        return preset
-    modes = {mode: dataclasses.replace(size, **changes) for mode, size in preset.modes.items()}
-    return dataclasses.replace(preset, modes=modes)
+def resized(preset: dict, **sizes) -> dict:
+    """The preset with `sizes` changed in every mode (CLI flags; None: unchanged): per_class and test_per_task
+    (the data sample), epochs and max_length (Params train)."""
+    for mode in preset["modes"].values():
+        for key, value in sizes.items():
+            if value is not None:
+                (mode if key in ("per_class", "test_per_task") else mode["train"])[key] = value
+    return preset
