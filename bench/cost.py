@@ -142,8 +142,10 @@ def fixed_batches(model, tokenizer, task_id: str, cost: dict, seed: int, method,
         return Encoded(torch.randint(0, vocab, (seq_len,), generator=g).tolist(), seq_len - 4, label, task)
 
     # The task rows first, so every method times the same task rows; moecl_mem's memory rows come after.
-    label = lambda: int(torch.randint(0, N_LABELS, (1,), generator=g))  # noqa: E731
-    task_rows = [[row(task_id, label()) for _ in range(batch_size)] for _ in range(count)]
+    def labelled() -> Encoded:  # the label is drawn before the row's tokens
+        return row(task_id, int(torch.randint(0, N_LABELS, (1,), generator=g)))
+
+    task_rows = [[labelled() for _ in range(batch_size)] for _ in range(count)]
     sampler = None
     if method.memory_per_task and model.has_discriminator:
         others = [t for t in model.task_ids if t != task_id]

@@ -157,16 +157,15 @@ def format_share(cell: dict[str, float]) -> str:
 def _kept(args, banks: list[str], reference: int):
     """The banks, their mode, the preset's Params in that mode, the tasks to probe (those of
     `banks[reference]`, or --tasks) and the preset's data for them."""
-    from bench.params import method_params, model_config
+    from bench.params import method_params
     from bench.presets import get_preset
-    from bench.run import params_base
+    from bench.run import backbone
     from bench.tasks import find_mtl5, load_mtl5
     from moecl.bank import load_bank
 
     torch.set_num_threads(args.threads)
-    preset = get_preset(args.preset)
-    cfg = model_config(preset)
-    base = params_base(cfg, "cpu")
+    preset = get_preset(args.preset) | {"device": "cpu"}
+    base, cfg = backbone(preset, {})
     loaded = [load_bank(Path(b), base) for b in banks]
     mode = loaded[reference].model.mode
     size = preset["modes"][mode]

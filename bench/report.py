@@ -136,8 +136,10 @@ def zero_shot_table(runs: list[dict]) -> dict:
     for run in runs:
         for task, value in (run["metrics"].get("zero_shot") or {}).items():
             out.setdefault(run["mode"], {}).setdefault(task, {})[run["method"]] = value
-    one = lambda v: v if len(set(v.values())) > 1 else next(iter(v.values()))  # noqa: E731
-    return {mode: {task: one(v) for task, v in tasks.items()} for mode, tasks in out.items()}
+    return {
+        mode: {task: v if len(set(v.values())) > 1 else next(iter(v.values())) for task, v in tasks.items()}
+        for mode, tasks in out.items()
+    }
 
 
 def write_results(out_dir: Path, name: str, result: dict) -> tuple[Path, Path]:
@@ -267,8 +269,12 @@ def markdown(result: dict) -> str:
     if result.get("zero_shot", {}):
         lines += ["## Zero-shot accuracy of the untrained model (b_i)", ""]
     for mode, tasks in result.get("zero_shot", {}).items():
-        mean = lambda v: statistics.fmean(x for x in v.values() if x is not None)  # noqa: E731 - per row
-        shown = ", ".join(f"{t} {_fmt(mean(v) if isinstance(v, dict) else v)}" for t, v in tasks.items())
+        # classifier mode: one b_i per row, shown as their mean
+        shown = {
+            t: statistics.fmean(x for x in v.values() if x is not None) if isinstance(v, dict) else v
+            for t, v in tasks.items()
+        }
+        shown = ", ".join(f"{t} {_fmt(v)}" for t, v in shown.items())
         note = " (classifier mode: through each run's fresh random head; mean over methods)"
         lines += [f"{mode}: {shown}" + (note if mode == "classifier" else ""), ""]
     if result.get("runs"):

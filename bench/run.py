@@ -111,35 +111,39 @@ class _Pristine:
         model, tokenizer = self.get()
         return copy.deepcopy(model), tokenizer
 
+    def describe(self) -> dict:
+        model, _ = self.get()
+        config = model.config
+        info = {"parameters": sum(p.numel() for p in model.parameters())}
+        info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+        info |= {
+            "layers": getattr(config, "num_hidden_layers", None),
+            "hidden_size": getattr(config, "hidden_size", None),
+        }
+        return info | {"load_seconds": round(self.seconds, 2)}
 
-def tiny_base(corpus: list[str], seed: int = 0) -> BaseSpec:
-    """moecl.testing's tiny random Llama with a tokenizer trained on the tasks' texts (smoke preset)."""
-    from moecl.testing import tiny_llama, tiny_tokenizer
 
-    tokenizer = tiny_tokenizer(corpus)
-    model = tiny_llama(len(tokenizer), seed=seed)
-    pristine = _Pristine(lambda: (model, tokenizer), "cpu")
-    return BaseSpec(name="moecl.testing.tiny_llama", sha256=state_dict_fingerprint(model), load=pristine)
+def backbone(
+    preset: dict, tasks_by_mode: dict, params_file="params.yaml", base_dir=None
+) -> tuple[BaseSpec, object]:
+    """(the base, its moecl ModelConfig): moecl.testing's tiny Llama with a tokenizer trained on the tasks'
+    texts (ModelConfig None), or the project's backbone as params `model:` names it (moecl.model.base)."""
+    if preset["backbone"] == "tiny":
+        from moecl.testing import tiny_llama, tiny_tokenizer
 
-
-def params_base(model_cfg, device: str) -> BaseSpec:
-    """The project's backbone as params `model:` names it (moecl.model.base.base_from_params), kept in memory."""
+        tasks = [t for by_id in tasks_by_mode.values() for t in by_id.values()]
+        corpus = [r.text for t in tasks for r in t.train] + [
+            f"{t.instruction} {' '.join(t.labels)}" for t in tasks
+        ]
+        tokenizer = tiny_tokenizer(corpus)
+        model = tiny_llama(len(tokenizer), seed=preset["seed"])
+        load = _Pristine(lambda: (model, tokenizer), "cpu")
+        return BaseSpec("moecl.testing.tiny_llama", state_dict_fingerprint(model), load), None
     from moecl.model.base import base_from_params
 
+    model_cfg = model_config(preset, params_file, base_dir)
     spec = base_from_params(model_cfg)
-    return BaseSpec(name=spec.name, sha256=spec.sha256, load=_Pristine(spec.load, device))
-
-
-def describe(spec: BaseSpec) -> dict:
-    info = {"name": spec.name, "sha256": spec.sha256}
-    if isinstance(spec.load, _Pristine):
-        model, _ = spec.load.get()
-        info["parameters"] = sum(p.numel() for p in model.parameters())
-        info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-        info["layers"] = getattr(model.config, "num_hidden_layers", None)
-        info["hidden_size"] = getattr(model.config, "hidden_size", None)
-        info["load_seconds"] = round(spec.load.seconds, 2)
-    return info
+    return BaseSpec(spec.name, spec.sha256, _Pristine(spec.load, preset["device"])), model_cfg
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -167,24 +171,17 @@ def describe_plan(preset: dict, methods, modes, orders: dict, tasks_by_mode: dic
     plan, n_order = plan_runs(methods, modes, list(orders)), len(next(iter(orders.values())))
     for mode in modes:
         size, tasks = method_params(preset, "seq_lora", mode).train, tasks_by_mode[mode]
-        per_task = {}
-        for t in tasks.values():
-            kept = round(len(t.train) * (1 - size.dev_fraction))
-            per_task[t.task_id] = (
-                math.ceil(kept / size.batch_size) * size.epochs,
-                len(t.test),
-                len(t.train) - kept,
-            )
-        steps = sum(v[0] for v in per_task.values())
-        test = sum(v[1] for v in per_task.values()) / len(per_task)
-        dev = sum(v[2] for v in per_task.values()) * size.epochs * size.evals_per_epoch
+        kept = {k: round(len(t.train) * (1 - size.dev_fraction)) for k, t in tasks.items()}  # the rest is dev
+        steps = sum(math.ceil(n / size.batch_size) * size.epochs for n in kept.values())
+        test = sum(len(t.test) for t in tasks.values()) / len(tasks)
+        dev = sum(len(t.train) - kept[k] for k, t in tasks.items()) * size.epochs * size.evals_per_epoch
         predictions = round(test * (n_order * 2 + n_order - 1 + n_order)) + dev
         lines.append(
             f"  {mode}: {sum(1 for m, *_ in plan if m == mode)} runs; per run about {steps} optimisation steps of "
             f"{size.batch_size} x <= {size.max_length} tokens and {predictions} predictions (test + dev)"
             + (" by greedy generation" if mode == "instruction" else "")
             + "; tasks: "
-            + ", ".join(f"{k} {len(tasks[k].train)} train / {v[1]} test" for k, v in per_task.items())
+            + ", ".join(f"{k} {len(t.train)} train / {len(t.test)} test" for k, t in tasks.items())
         )
     if cost:
         c = preset["cost"]
@@ -265,16 +262,7 @@ def _main(argv: list[str] | None) -> int:
         print(f"preset {preset['name']!r} needs a CUDA GPU and torch sees none", file=sys.stderr)
         return 2
 
-    model_cfg = None
-    if preset["backbone"] == "tiny":
-        all_tasks = [t for tasks in tasks_by_mode.values() for t in tasks.values()]
-        corpus = [r.text for t in all_tasks for r in t.train] + [
-            f"{t.instruction} {' '.join(t.labels)}" for t in all_tasks
-        ]
-        base = tiny_base(corpus, seed=preset["seed"])
-    else:
-        model_cfg = model_config(preset, args.params, args.base_dir)
-        base = params_base(model_cfg, preset["device"])
+    base, model_cfg = backbone(preset, tasks_by_mode, args.params, args.base_dir)
     selected = {"methods": methods, "modes": modes, "orders": order_names, "orders_run": orders}
     result = {
         "preset": preset["name"],
@@ -284,7 +272,7 @@ def _main(argv: list[str] | None) -> int:
         "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "hardware": hardware(),
-        "backbone": describe(base),
+        "backbone": {"name": base.name, "sha256": base.sha256, **base.load.describe()},
         "data": {mode: data_summary(tasks) for mode, tasks in tasks_by_mode.items()},
     }
     result |= {"notes": [], "runs": [], "summary": {}, "paired": {}, "zero_shot": {}, "cost": None}

@@ -30,16 +30,11 @@ def _num(value):
 
 
 def _run(method, mode, order, tasks, metrics, steps, seconds, correct, seed, routing=None) -> dict:
-    acc, bwt, fwt = (metrics.get(k) for k in ("acc", "bwt", "fwt"))
-    return {
-        **{"method": method, "mode": mode, "order": order, "seed": seed, "tasks": tasks},
-        **{"acc": acc, "bwt": bwt, "fwt": fwt},
-        "metrics": metrics,  # ContinualMetrics.as_dict(): per_task, matrix, before_training, zero_shot...
-        "steps": steps,
-        "seconds": round(seconds, 2),
-        "correct": correct,  # task -> per-record correctness of the final model (moecl.metrics.correctness)
-        "routing": routing or {},  # moecl rows: task -> the gate's weight on its own expert (bench.probes)
-    }
+    """What a run file stores. `correct`: task -> the final model's per-record correctness
+    (moecl.metrics.correctness); `routing`: task -> the gate's weight on its own expert (moecl rows)."""
+    run = {"method": method, "mode": mode, "order": order, "seed": seed, "tasks": tasks}
+    run |= {k: metrics.get(k) for k in ("acc", "bwt", "fwt")} | {"metrics": metrics, "steps": steps}
+    return run | {"seconds": round(seconds, 2), "correct": correct, "routing": routing or {}}
 
 
 @dataclass

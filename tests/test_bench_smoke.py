@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from bench.params import parse_variant
-from bench.presets import PRESETS, SYNTHETIC_ORDERS
+from bench.presets import PRESETS
 
 METHODS = PRESETS["smoke"]["methods"]
 
@@ -34,7 +34,7 @@ def test_every_method_mode_and_order_ran(smoke) -> None:
     runs = {(r["method"], r["mode"], r["order"]) for r in result["runs"]}
     for mode in ("classifier", "instruction"):
         for method in METHODS:
-            orders = ["joint"] if method == "mtl" else list(SYNTHETIC_ORDERS)
+            orders = ["joint"] if method == "mtl" else list(PRESETS["smoke"]["orders"])
             assert {(method, mode, o) for o in orders} <= runs
 
 
@@ -63,7 +63,7 @@ def test_summary_has_mean_and_spread(smoke) -> None:
     for mode in ("classifier", "instruction"):
         for method in METHODS:
             s = result["summary"][mode][method]
-            assert s["acc"]["n"] == (1 if method == "mtl" else len(SYNTHETIC_ORDERS))
+            assert s["acc"]["n"] == (1 if method == "mtl" else len(PRESETS["smoke"]["orders"]))
             assert s["acc"]["mean"] is not None
             if method != "mtl":
                 assert s["acc"]["std"] is not None and s["bwt"]["mean"] is not None
@@ -187,7 +187,7 @@ def test_time_budget_lists_what_did_not_run(tmp_path) -> None:
     )
     result = json.loads((tmp_path / "smoke.json").read_text())
     assert result["finished"] and not result["runs"] and result["cost"] is None
-    assert len(result["not_run"]) == 2 * (len(METHODS) - 1) * len(SYNTHETIC_ORDERS) + 2
+    assert len(result["not_run"]) == 2 * (len(METHODS) - 1) * len(PRESETS["smoke"]["orders"]) + 2
     assert "Not run (time budget" in (tmp_path / "smoke.md").read_text()
 
 
