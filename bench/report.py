@@ -64,16 +64,14 @@ def summarise(runs: list[dict], data: dict | None = None, methods: list[str] | N
     out = {}
     for mode, by_method in groups.items():
         sizes = {t: d.get("test") for t, d in ((data or {}).get(mode) or {}).items()}
-        out[mode] = {
-            method: {k: spread([r[k] for r in group]) for k in ("acc", "bwt", "fwt")}
-            | {
-                "acc_se": spread([acc_standard_error(r["metrics"].get("per_task"), sizes) for r in group])[
-                    "mean"
-                ]
-            }
-            | {"orders": [r["order"] for r in group], "runs": [_run_label(r) for r in group]}
-            for method, group in sorted(by_method.items(), key=lambda kv: _rank(kv[0], methods))
-        }
+        out[mode] = {}
+        for method, group in sorted(by_method.items(), key=lambda kv: _rank(kv[0], methods)):
+            row = {k: spread([r[k] for r in group]) for k in ("acc", "bwt", "fwt")}
+            row["acc_se"] = spread([acc_standard_error(r["metrics"].get("per_task"), sizes) for r in group])[
+                "mean"
+            ]
+            row |= {"orders": [r["order"] for r in group], "runs": [_run_label(r) for r in group]}
+            out[mode][method] = row
     return out
 
 
