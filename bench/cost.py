@@ -46,36 +46,6 @@ def ru_maxrss_mb() -> float:
     )
 
 
-class PeakMemory:
-    """Peak memory of a block: torch.cuda.max_memory_allocated on CUDA, peak RSS (VmHWM) on CPU; `before_mb`:
-    in use when the block starts (the peak minus it: the block's own)."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.mb = device, None
-        self.kind = "cuda_max_memory_allocated" if device.type == "cuda" else "peak_rss"
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.before_mb = torch.cuda.memory_allocated(self.device) / 2**20
-            return self
-        self.before_mb = _status_mb("VmRSS")
-        try:  # Linux: writing 5 to clear_refs resets the peak RSS, so each method gets its own
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            self.kind = "ru_maxrss (process lifetime: no per-method reset here)"
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
-        else:
-            self.mb = _status_mb("VmHWM") if self.kind == "peak_rss" else ru_maxrss_mb()
-        return False
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -174,18 +144,33 @@ def _free(steppers: dict) -> None:
 
 
 def measure_method(base, preset: dict, method: str, mode: str, n_tasks: int) -> dict:
-    """Peak memory of `method`'s first training steps, alone (their times are replaced by interleaved ones)."""
+    """Peak memory of `method`'s first training steps, alone (their times are replaced by interleaved ones):
+    torch.cuda.max_memory_allocated on CUDA, peak RSS (VmHWM) on CPU; `memory_before_mb`: in use before them."""
     alone = {method: Stepper(base, preset, method, mode, n_tasks)}
-    with PeakMemory(alone[method].device) as peak:  # the peak is reached in the first step
-        train = [alone[method].step() for _ in range(max(preset["cost"]["warmup"], 1))]
-    alone[method].close()
-    rows = int(alone[method].batches[0].input_ids.shape[0])
+    stepper, cuda = alone[method], alone[method].device.type == "cuda"
+    kind = "cuda_max_memory_allocated" if cuda else "peak_rss"
+    if cuda:
+        torch.cuda.synchronize(stepper.device)
+        torch.cuda.reset_peak_memory_stats(stepper.device)
+        before = torch.cuda.memory_allocated(stepper.device) / 2**20
+    else:
+        before = _status_mb("VmRSS")
+        try:  # Linux: writing 5 to clear_refs resets the peak RSS, so each method gets its own
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            kind = "ru_maxrss (process lifetime: no per-method reset here)"
+    train = [stepper.step() for _ in range(max(preset["cost"]["warmup"], 1))]  # the peak comes in the first
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(stepper.device) / 2**20  # step() synchronised
+    else:
+        peak = _status_mb("VmHWM") if kind == "peak_rss" else ru_maxrss_mb()
+    stepper.close()
+    rows = int(stepper.batches[0].input_ids.shape[0])
+    del stepper
     _free(alone)
-    peak_mb, before_mb = (None if v is None else round(v, 1) for v in (peak.mb, peak.before_mb))
+    peak, before = (None if v is None else round(v, 1) for v in (peak, before))
     row = {"method": method, "mode": mode, "tasks": n_tasks, **_step_times(train, "alone")}
-    row.update(
-        batch_rows=rows, peak_memory_mb=peak_mb, memory_before_mb=before_mb, peak_memory_kind=peak.kind
-    )
+    row.update(batch_rows=rows, peak_memory_mb=peak, memory_before_mb=before, peak_memory_kind=kind)
     return row
 
 
