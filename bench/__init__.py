@@ -1,7 +1,6 @@
 """moecl benchmarks: MoE-CL against the baselines on the 4-task CL benchmark, and what the method costs.
 
-Entry point: `python -m bench.run --preset smoke|cpu|cpu-full|gpu`. Every continual method runs through the
-library's own step and evaluation (moecl.train.step.run_step, moecl.evaluate.evaluate_bank); the joint
-multi-task upper bound has its own small trainer (bench/joint.py); the timing micro-benchmarks live in
-bench/cost.py.
+Entry point: `python -m bench.run --preset smoke|cpu|cpu-full|gpu`. Every run goes through the library's own
+step, training loop and evaluation (bench/runs.py); the cost figures time the library's own training step
+(bench/cost.py); bench/probes.py inspects kept banks.
 """

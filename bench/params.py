@@ -1,45 +1,118 @@
-"""moecl Params for one benchmark method and mode: the preset's sizes on top of the library's defaults."""
+"""The benchmark's rows ("variants") and the moecl Params of each: presets' overrides on the library's defaults.
+
+A variant name is a base, optionally followed by knobs: `moecl_paper+gate_bias+task_gates`, `seq_lora+replay`,
+`moecl_paper+shared_lr=0.1`. Bases:
+  seq_lora, per_task_lora, o_lora, moecl_nogan  the library's baselines, at the paper's setting
+  moecl_paper                                   MoE-CL exactly as published (method.paper: true)
+  moecl                                         MoE-CL with the library's defaults (params.yaml: the best measured)
+  moecl_mem                                     moecl_paper with the discriminator memory
+  mtl                                           the joint multi-task upper bound (bench/runs.py)
+A knob sets method params (its value from KNOBS, or `knob=value` for the first of them); knobs apply to any
+base that has what they change, so `o_lora+replay` and `moecl+replay` are fair pairs.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
-from bench.presets import Preset
-from bench.variants import parse_variant
-from moecl.config import ModelConfig, Params, load_params
+from moecl.config import PAPER_SETTING, ModelConfig, Params, load_params, params_from_dict
+
+BASES = {  # base -> method params over the library's defaults
+    "seq_lora": {"name": "seq_lora", **PAPER_SETTING},
+    "per_task_lora": {"name": "per_task_lora", **PAPER_SETTING},
+    "o_lora": {"name": "o_lora", **PAPER_SETTING},
+    "moecl_nogan": {"name": "moecl_nogan", **PAPER_SETTING},
+    "moecl_paper": {"name": "moecl", "paper": True, **PAPER_SETTING},
+    "moecl_mem": {"name": "moecl", **PAPER_SETTING, "memory_per_task": 8},
+    "moecl": {"name": "moecl"},
+    "mtl": {"name": "seq_lora", **PAPER_SETTING},  # one shared LoRA trained on every task at once
+}
+# knob -> the method params it sets (the first takes `knob=value`). Values chosen on the dev split
+# (bench/results/cpu-dev.md); `replay_per_task` None: the preset's `replay_per_task`.
+KNOBS = {
+    "shared_lr": {"shared_lr_scale": 0.25},
+    "gate_bias": {"gate_bias": 1.25},
+    "task_gates": {"task_gates": True},
+    "orth": {"shared_orthogonal": True},
+    "memory": {"memory_per_task": 8, "discriminator_span": "prompt"},
+    "prompt_pool": {"discriminator_span": "prompt"},
+    "replay": {"replay_per_task": None},
+    "warm": {"dedicated_init": "shared"},
+    "nogan": {"adv_alpha": 0.0},
+}
+LABELS = {"moecl_paper": "moecl (paper)", "moecl": "moecl (best)"}
+
+
+def parse_variant(name: str) -> dict:
+    """`base[+knob[=value]]...` -> its method params; an unknown base or knob: a SystemExit naming the choices."""
+    base, *knobs = name.split("+")
+    if base not in BASES:
+        raise SystemExit(f"unknown method {base!r} in {name!r}: bases are {', '.join(BASES)}")
+    method = {"paper": False, **BASES[base]}
+    for knob in knobs:
+        key, _, value = knob.partition("=")
+        if key not in KNOBS:
+            raise SystemExit(f"unknown knob {key!r} in {name!r}: knobs are {', '.join(KNOBS)}")
+        settings = dict(KNOBS[key], paper=False)  # moecl_paper+knob: the paper plus this knob
+        if value:  # a string: params_from_dict coerces it to the field's type
+            settings[next(iter(KNOBS[key]))] = value
+        method.update(settings)
+    return method
+
+
+def is_joint(name: str) -> bool:
+    return name.split("+")[0] == "mtl"
+
+
+def label(name: str) -> str:
+    """How the tables name a row: `moecl (paper)`, `moecl (best)+replay`, `seq_lora`..."""
+    base, plus, rest = name.partition("+")
+    return LABELS.get(base, base) + plus + rest
+
+
+def file_stem(name: str) -> str:
+    """A file-name-safe form of a row's name (`+` -> `.`, `=` -> `-`)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", lambda m: {"+": ".", "=": "-"}.get(m.group(), "_"), name)
+
+
+def _merge(into: dict, *layers: dict) -> dict:
+    for layer in layers:
+        for section, values in layer.items():
+            into.setdefault(section, {}).update(values)
+    return into
 
 
 def model_config(
-    preset: Preset, params_file: str | Path = "params.yaml", base_dir: str | None = None
+    preset: dict, params_file: str | Path = "params.yaml", base_dir: str | None = None
 ) -> ModelConfig:
-    """The project's `model:` section (where the backbone comes from), with the preset's dtype."""
+    """The project's `model:` section (where the backbone comes from) under the preset's model overrides."""
+    from bench.presets import COMMON
+
     cfg = load_params(params_file).model if Path(params_file).is_file() else ModelConfig()
-    cfg.dtype = preset.dtype
+    for key, value in {**COMMON["model"], **preset["params"].get("model", {})}.items():
+        setattr(cfg, key, value)
     if base_dir:
         cfg.name_or_path = str(base_dir)
     return cfg
 
 
 def method_params(
-    preset: Preset, method: str, mode: str, model_cfg: ModelConfig | None = None, seed: int | None = None
+    preset: dict, method: str, mode: str, model_cfg: ModelConfig | None = None, seed: int | None = None
 ) -> Params:
-    """Params of one benchmark row (`method`: a variant name, bench.variants) in one mode; `seed`: the training
-    seed (default the preset's; the data sample always uses the preset's)."""
-    size = preset.modes[mode]
-    params = Params()
+    """Params of one row (`method`: a variant name) in one mode: the library's defaults, then COMMON, the
+    preset's and the mode's overrides, the variant's method params; `seed`: the training seed (default the
+    preset's; the data sample always uses the preset's)."""
+    from bench.presets import COMMON
+
+    sections = {k: v for k, v in preset["modes"][mode].items() if isinstance(v, dict)}
+    variant = parse_variant(method)
+    if variant.get("replay_per_task", 0) is None:
+        variant["replay_per_task"] = preset["replay_per_task"]
+    raw = _merge({}, COMMON, preset["params"], sections, {"method": variant})
+    raw["method"]["mode"] = mode
+    raw["train"]["seed"] = preset["seed"] if seed is None else seed
     if model_cfg is not None:
-        params.model = model_cfg
-    for key, value in preset.lora.items():
-        setattr(params.lora, key, value)
-    params.method.adv_alpha = preset.adv_alpha
-    params.method = parse_variant(method).method_config(params.method, preset.replay_per_task)
-    params.method.mode = mode
-    train = params.train
-    train.lr, train.epochs, train.batch_size = size.lr, size.epochs, size.batch_size
-    train.max_length, train.dev_fraction = size.max_length, size.dev_fraction
-    train.seed = preset.seed if seed is None else seed
-    train.evals_per_epoch, train.max_train_examples, train.threads = size.evals_per_epoch, 0, preset.threads
-    evaluate = params.evaluate
-    evaluate.instruction_eval, evaluate.max_new_tokens = "generate", size.max_new_tokens
-    evaluate.batch_size, evaluate.max_test_examples, evaluate.fwt = size.eval_batch_size, 0, True
-    return params.validate(f"bench preset {preset.name}")
+        raw["model"] = dataclasses.asdict(model_cfg)
+    return params_from_dict(raw, f"bench preset {preset['name']}")

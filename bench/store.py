@@ -1,10 +1,10 @@
 """One result file per finished run, so that a benchmark resumes where it stopped.
 
-bench/results/runs/<preset>[-dev]/<row>.<mode>.<order>.s<seed>.json holds one run (bench.continual.RunResult
-or the joint run) and the key of everything that decides its outcome: the run's Params, the task order, the
-sampled data's content hashes, the backbone's sha256 and STORE_VERSION. A rerun reuses a file whose key
-matches and runs the others; the results files aggregate whatever runs are there. Bump STORE_VERSION when a
-code change alters what a run computes, so that stored runs are not mistaken for current ones.
+bench/results/runs/<preset>[-dev]/<row>.<mode>.<order>.s<seed>.json holds one run (the dict bench.runs returns)
+and the key of everything that decides its outcome: the run's Params, the task order, the sampled data's
+content hashes, the backbone's sha256 and STORE_VERSION. A rerun reuses a file whose key matches and runs the
+others; the results files aggregate whatever runs are there. Bump STORE_VERSION when a code change alters what
+a run computes, so that stored runs are not mistaken for current ones.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ each task's final accuracy with its accuracy right after the LAST step that trai
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,6 +94,30 @@ def paired_acc_difference(a: Mapping[str, str], b: Mapping[str, str]) -> PairedD
     return PairedDifference(
         sum(diffs) / len(tasks), math.sqrt(variance) / len(tasks), a_only, b_only, records
     )
+
+
+def acc_standard_error(per_task: Mapping[str, float | None], test_sizes: Mapping[str, int]) -> float | None:
+    """The standard error of ACC that sampling the test records alone implies: each task's accuracy is a
+    binomial proportion p_j over n_j records, so SE = sqrt(sum_j p_j (1 - p_j) / n_j) / T. None where a
+    task's test size is unknown (no figure rather than a wrong one)."""
+    cells = [(p, test_sizes.get(t)) for t, p in (per_task or {}).items() if p is not None]
+    if not cells or any(not n for _, n in cells):
+        return None
+    return round(math.sqrt(sum(p * (1 - p) / n for p, n in cells)) / len(cells), 6)
+
+
+def spread(values: Sequence[float | None]) -> dict[str, float | int | None]:
+    """Mean, sample standard deviation (None for one value), min, max and count of the values (None skipped)."""
+    kept = [float(v) for v in values if v is not None]
+    if not kept:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {
+        "mean": round(statistics.fmean(kept), 6),
+        "std": round(statistics.stdev(kept), 6) if len(kept) > 1 else None,
+        "min": round(min(kept), 6),
+        "max": round(max(kept), 6),
+        "n": len(kept),
+    }
 
 
 def normalize_answer(text: str) -> str:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from bench.presets import PRESETS, SYNTHETIC_ORDERS
-from bench.variants import parse_variant
+from bench.params import parse_variant
+from bench.presets import PRESETS
 
-METHODS = PRESETS["smoke"].methods
+METHODS = PRESETS["smoke"]["methods"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_every_method_mode_and_order_ran(smoke) -> None:
     runs = {(r["method"], r["mode"], r["order"]) for r in result["runs"]}
     for mode in ("classifier", "instruction"):
         for method in METHODS:
-            orders = ["joint"] if method == "mtl" else list(SYNTHETIC_ORDERS)
+            orders = ["joint"] if method == "mtl" else list(PRESETS["smoke"]["orders"])
             assert {(method, mode, o) for o in orders} <= runs
 
 
@@ -63,7 +63,7 @@ def test_summary_has_mean_and_spread(smoke) -> None:
     for mode in ("classifier", "instruction"):
         for method in METHODS:
             s = result["summary"][mode][method]
-            assert s["acc"]["n"] == (1 if method == "mtl" else len(SYNTHETIC_ORDERS))
+            assert s["acc"]["n"] == (1 if method == "mtl" else len(PRESETS["smoke"]["orders"]))
             assert s["acc"]["mean"] is not None
             if method != "mtl":
                 assert s["acc"]["std"] is not None and s["bwt"]["mean"] is not None
@@ -107,7 +107,7 @@ def test_runs_keep_per_record_correctness_and_pair_with_moecl(smoke) -> None:
 def test_moecl_runs_report_their_gate_routing(smoke) -> None:
     result, out = smoke
     for run in result["runs"]:
-        if parse_variant(run["method"]).method in ("moecl", "moecl_nogan"):
+        if parse_variant(run["method"])["name"] in ("moecl", "moecl_nogan"):
             assert set(run["routing"]) == set(run["tasks"])
             for cell in run["routing"].values():
                 assert 0.0 < cell["min"] <= cell["mean"] <= cell["max"] < 1.0
@@ -117,28 +117,19 @@ def test_moecl_runs_report_their_gate_routing(smoke) -> None:
 
 
 def test_a_failing_routing_probe_does_not_cost_the_run(tmp_path, monkeypatch, capsys) -> None:
-    import bench.continual
+    import bench.runs
     from bench.run import main
 
     def broken(*args, **kwargs):
         raise RuntimeError("probe broke")
 
-    monkeypatch.setattr(bench.continual, "final_routing", broken)
+    monkeypatch.setattr(bench.runs, "final_routing", broken)
     argv = ["--preset", "smoke", "--methods", "moecl", "--modes", "classifier", "--orders", "order1"]
     assert main(argv + ["--no-cost", "--out", str(tmp_path), "--quiet"]) == 0
     result = json.loads((tmp_path / "smoke.json").read_text())
     (run,) = result["runs"]
     assert not result["errors"] and run["acc"] is not None and run["routing"] == {}
     assert "routing probe failed" in capsys.readouterr().err
-
-
-def test_acc_standard_error_is_the_binomial_one() -> None:
-    from bench.report import acc_standard_error
-
-    # one task at 50% over 24 records: sqrt(.25 / 24); two tasks average their variances over T^2
-    assert acc_standard_error({"a": 0.5}, {"a": 24}) == pytest.approx(0.102062, abs=1e-6)
-    assert acc_standard_error({"a": 0.5, "b": 1.0}, {"a": 100, "b": 100}) == pytest.approx(0.025)
-    assert acc_standard_error({"a": 0.5}, {}) is None  # sizes unknown: no figure rather than a wrong one
 
 
 def test_cost_figures(smoke) -> None:
@@ -196,7 +187,7 @@ def test_time_budget_lists_what_did_not_run(tmp_path) -> None:
     )
     result = json.loads((tmp_path / "smoke.json").read_text())
     assert result["finished"] and not result["runs"] and result["cost"] is None
-    assert len(result["not_run"]) == 2 * (len(METHODS) - 1) * len(SYNTHETIC_ORDERS) + 2
+    assert len(result["not_run"]) == 2 * (len(METHODS) - 1) * len(PRESETS["smoke"]["orders"]) + 2
     assert "Not run (time budget" in (tmp_path / "smoke.md").read_text()
 
 
@@ -219,7 +210,7 @@ def test_tasks_flag_keeps_those_tasks_in_each_orders_sequence(tmp_path) -> None:
         "order1": ["topic", "spam"],
         "order2": ["spam", "topic"],
     }
-    assert result["config"]["modes"]["classifier"]["max_length"] == 40
+    assert result["config"]["modes"]["classifier"]["train"]["max_length"] == 40
     with pytest.raises(SystemExit, match="unknown tasks: weather"):
         main([*argv, "--tasks", "weather", "--out", str(tmp_path)])
 
@@ -300,3 +291,46 @@ def test_dev_split_scores_on_training_records_the_run_does_not_train_on(tmp_path
     test_texts = {r.text for r in test.test}
     assert len(dev.test) == 20 and not trained & {r.text for r in dev.test}
     assert not test_texts & {r.text for r in dev.test}
+
+
+def test_stored_runs_keep_their_keys() -> None:
+    """The committed runs are found again: each one's key, rebuilt from today's presets and rows with the data
+    hashes and backbone it recorded, is the key it was stored under."""
+    from bench.params import method_params, model_config
+    from bench.presets import get_preset
+    from bench.store import run_key
+
+    repo = Path(__file__).resolve().parents[1]
+    files = sorted(repo.glob("bench/results/runs/*/*.json"))
+    if not files:
+        pytest.skip("no stored runs")
+    for path in files:
+        stored = json.loads(path.read_text())
+        run, context = stored["run"], stored["context"]
+        preset = get_preset(path.parent.name.removesuffix("-dev"))
+        params = method_params(
+            preset, run["method"], run["mode"], model_config(preset, repo / "params.yaml"), run["seed"]
+        )
+        key = run_key(params.to_dict(), run["tasks"], context["data"], context["base"], preset["device"])
+        assert key == stored["key"], path
+
+
+def test_presets_build_valid_params_for_every_row() -> None:
+    from bench.params import method_params
+    from bench.presets import get_preset
+
+    for name in PRESETS:
+        preset = get_preset(name)
+        for method in {*preset["methods"], *preset["ablation"]}:
+            for mode in preset["modes"]:
+                params = method_params(preset, method, mode, seed=7)
+                assert params.method.mode == mode and params.train.seed == 7
+    cpu = method_params(get_preset("cpu"), "seq_lora+replay", "instruction")
+    assert (cpu.train.lr, cpu.train.max_length, cpu.train.threads, cpu.method.replay_per_task) == (
+        5e-4,
+        128,
+        2,
+        16,
+    )
+    knob = method_params(get_preset("smoke"), "moecl_paper+shared_lr=0.1", "classifier").method
+    assert knob.shared_lr_scale == 0.1 and not knob.paper and knob.gate_bias == 0.0  # the paper plus one knob

@@ -152,3 +152,29 @@ def test_paired_difference_rejects_unmatched_samples():
         paired_acc_difference({"x": "10"}, {"y": "10"})
     with pytest.raises(ValueError, match="task 'x'"):
         paired_acc_difference({"x": "10"}, {"x": "101"})
+
+
+def test_acc_standard_error_is_the_binomial_one():
+    from moecl.metrics import acc_standard_error
+
+    # one task at 50% over 24 records: sqrt(.25 / 24)
+    assert acc_standard_error({"a": 0.5}, {"a": 24}) == pytest.approx(math.sqrt(0.25 / 24), abs=1e-6)
+    # two tasks: their variances p(1-p)/n add, and ACC's mean over T = 2 tasks divides by T (not sqrt(T)):
+    # sqrt(.25/100 + .09/400) / 2; a task at 0% or 100% adds no variance but still counts in T
+    assert acc_standard_error({"a": 0.5, "b": 0.9}, {"a": 100, "b": 400}) == pytest.approx(
+        math.sqrt(0.25 / 100 + 0.09 / 400) / 2, abs=1e-6
+    )
+    assert acc_standard_error({"a": 0.5, "b": 1.0}, {"a": 100, "b": 100}) == pytest.approx(0.025)
+    assert acc_standard_error({"a": 0.5}, {}) is None  # sizes unknown: no figure rather than a wrong one
+    assert acc_standard_error({"a": 0.5, "b": None}, {"a": 24}) == pytest.approx(0.102062, abs=1e-6)
+
+
+def test_spread_is_mean_sample_std_and_range():
+    from moecl.metrics import spread
+
+    # 0.5, 0.6, 0.9: mean 2/3; sample variance ((1/6)^2 + (1/15)^2 + (7/30)^2) / 2 = 13/300 (n - 1, not n)
+    assert spread([0.5, 0.6, None, 0.9]) == pytest.approx(
+        {"mean": 2 / 3, "std": math.sqrt(13 / 300), "min": 0.5, "max": 0.9, "n": 3}, abs=1e-6
+    )
+    assert spread([0.25]) == {"mean": 0.25, "std": None, "min": 0.25, "max": 0.25, "n": 1}
+    assert spread([None]) == {"mean": None, "std": None, "min": None, "max": None, "n": 0}

@@ -96,8 +96,8 @@ def train_step(
     accelerator=None,
 ) -> StepLosses:
     """One optimisation step on `batch`: the forward pass (through `net`: the model or its DDP wrapper) under
-    the batch's routing, the task loss, the loss terms, backward, AdamW. Every trainer runs this: the
-    continual step's loop, the joint upper bound and the cost benchmark.
+    the batch's routing, the task loss, the loss terms, backward, AdamW. Every trainer runs this: the loop
+    (`fit`: a continual step, the benchmark's joint upper bound) and the benchmark's cost figures.
 
     `alpha`: the adversarial weight (the discriminators' logits are collected and reversed when it is > 0).
     Under several processes, `denominator` scales the task loss to the global batch and `share`
@@ -195,6 +195,17 @@ def dev_accuracy(
     return int(total.item()) / len(records)
 
 
+def task_items(model: MoECLModel, tokenizer, task: TaskData, cfg) -> tuple[list[Encoded], list[Record]]:
+    """The task's encoded training rows and its dev records (the task's own dev split, else carved from train)."""
+    records = stratified_sample(task.train, cfg.max_train_examples, cfg.seed)
+    if task.dev:
+        train_records, dev_records = records, list(task.dev)
+    else:
+        train_records, dev_records = split_dev(records, cfg.dev_fraction, cfg.seed)
+    encoder = Encoder(tokenizer, task.task_id, task.labels, task.instruction, model.mode, cfg.max_length)
+    return [encoder.encode(r.text, r.label) for r in train_records], dev_records
+
+
 def train_on_task(
     model: MoECLModel,
     tokenizer,
@@ -217,22 +228,57 @@ def train_on_task(
     cfg, method = params.train, params.method
     if accelerator is None and under_distributed_launch():
         accelerator = make_accelerator(cfg.mixed_precision)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    records = stratified_sample(task.train, cfg.max_train_examples, cfg.seed)
-    if task.dev:
-        train_records, dev_records = records, list(task.dev)
-    else:
-        train_records, dev_records = split_dev(records, cfg.dev_fraction, cfg.seed)
-    encoder = Encoder(tokenizer, task.task_id, task.labels, task.instruction, model.mode, cfg.max_length)
-    items = [encoder.encode(r.text, r.label) for r in train_records]
+    items, dev_records = task_items(model, tokenizer, task, cfg)
     replayed = replay_items(model, tokenizer, replay or {}, task.task_id, method.replay_per_task, params)
-    items += replayed
-    pad = pad_id(tokenizer)
     terms = build_terms(model, task.task_id, method, memory=memory, batch_size=cfg.batch_size, seed=cfg.seed)
     alpha = method.adversarial_weight if model.has_discriminator else 0.0
-
     trainable = model.trainable_parameters(task.task_id)
     groups = optimizer_groups(model, task.task_id, trainable, method, cfg.lr)
+    outcome = fit(
+        model,
+        tokenizer,
+        items + replayed,
+        {task.task_id: dev_records},
+        params,
+        groups,
+        terms=terms,
+        alpha=alpha,
+        progress=progress,
+        desc=f"train {task.task_id}",
+        accelerator=accelerator,
+    )
+    outcome.train_examples, outcome.dev_examples = len(items), len(dev_records)
+    outcome.replay_examples = len(replayed)
+    return outcome
+
+
+def fit(
+    model: MoECLModel,
+    tokenizer,
+    items: list[Encoded],
+    dev: dict[str, list[Record]],
+    params: Params,
+    groups: list[dict],
+    *,
+    terms=(),
+    alpha: float = 0.0,
+    progress: bool = True,
+    desc: str = "train",
+    accelerator=None,
+) -> TrainOutcome:
+    """The training loop: `epochs` passes over `items` in seeded shuffled batches, each one `train_step` with
+    AdamW over `groups` (the parameters trained, nothing else), the mean accuracy over `dev` (task -> records)
+    checked `evals_per_epoch` times an epoch and the best checkpoint kept. A continual step fits one task's
+    rows (`train_on_task`); the benchmark's joint upper bound fits every task's rows at once.
+    """
+    cfg, method = params.train, params.method
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    trainable = [p for group in groups for p in group["params"]]
+    for p in model.parameters():  # exactly what `groups` holds learns
+        p.requires_grad_(False)
+    for p in trainable:
+        p.requires_grad_(True)
+    pad = pad_id(tokenizer)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     net = model  # what the training forward passes go through: the model, or its DDP wrapper
     if accelerator is not None:
@@ -244,16 +290,12 @@ def train_on_task(
     steps_per_epoch = max(1, math.ceil(len(items) / cfg.batch_size))
     eval_every = max(1, steps_per_epoch // max(1, cfg.evals_per_epoch))
     total_steps = steps_per_epoch * cfg.epochs
-    outcome = TrainOutcome(
-        train_examples=len(items) - len(replayed),
-        dev_examples=len(dev_records),
-        replay_examples=len(replayed),
-    )
+    outcome = TrainOutcome()
     best_state: list[torch.Tensor] | None = None
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total_steps, desc=f"train {task.task_id}", disable=not progress, leave=False)
+    bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False)
     step = 0
     for _epoch in range(cfg.epochs):
         order = torch.randperm(len(items), generator=generator).tolist()
@@ -284,8 +326,13 @@ def train_on_task(
             outcome.losses.append(losses)
             bar.update(1)
             bar.set_postfix(task=f"{losses.task:.3f}", disc=f"{losses.discriminator:.3f}")
-            if dev_records and (step % eval_every == 0 or step == total_steps):
-                acc = dev_accuracy(model, tokenizer, task.task_id, dev_records, params, accelerator)
+            if any(dev.values()) and (step % eval_every == 0 or step == total_steps):
+                scores = [
+                    dev_accuracy(model, tokenizer, task_id, records, params, accelerator)
+                    for task_id, records in dev.items()
+                    if records
+                ]
+                acc = sum(scores) / len(scores)
                 outcome.dev_accuracy.append((step, acc))
                 if best_state is None or acc > outcome.best_dev_accuracy:
                     outcome.best_dev_accuracy, outcome.best_step = acc, step

@@ -1,4 +1,4 @@
-"""bench.agreement: how far apart two banks are, in parameters and in outputs."""
+"""bench.probes: how far apart two banks are (parameters, outputs), and where the gate routes each task."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def banks(tmp_path_factory, tiny_base, two_tasks):
 
 
 def test_parameter_distance_is_zero_to_itself_and_positive_between_seeds(banks):
-    from bench.agreement import parameter_groups, relative_distance
+    from bench.probes import parameter_groups, relative_distance
 
     a, b, _ = banks
     groups_a, groups_b = parameter_groups(a), parameter_groups(b)
@@ -41,7 +41,7 @@ def test_parameter_distance_is_zero_to_itself_and_positive_between_seeds(banks):
 
 
 def test_lora_pairs_are_compared_as_their_weight_change():
-    from bench.agreement import relative_distance
+    from bench.probes import relative_distance
 
     a = {"x.A": torch.ones(2, 3), "x.B": torch.ones(4, 2)}
     # B @ A is the same although A and B are not: (2B)(A/2) = BA
@@ -51,7 +51,7 @@ def test_lora_pairs_are_compared_as_their_weight_change():
 
 
 def test_weight_norm_measures_the_change_a_lora_pair_makes():
-    from bench.agreement import weight_norm
+    from bench.probes import weight_norm
 
     # B @ A is a 4 x 3 matrix of 2s: norm sqrt(12 * 4); scaling A up and B down leaves it unchanged
     assert weight_norm({"x.A": torch.ones(2, 3), "x.B": torch.ones(4, 2)}) == pytest.approx(math.sqrt(48))
@@ -62,7 +62,7 @@ def test_weight_norm_measures_the_change_a_lora_pair_makes():
 
 
 def test_outputs_of_a_bank_agree_with_themselves(banks, tiny_base, two_tasks):
-    from bench.agreement import output_agreement, total_variation
+    from bench.probes import output_agreement, total_variation
     from moecl.bank import load_bank
 
     a, b, params = banks
@@ -75,7 +75,7 @@ def test_outputs_of_a_bank_agree_with_themselves(banks, tiny_base, two_tasks):
 
 
 def test_routing_probe_reads_the_gate_weight_of_the_dedicated_expert(banks, tiny_base, two_tasks):
-    from bench.routing import dedicated_share
+    from bench.probes import dedicated_share
     from moecl.bank import load_bank
 
     a, _, params = banks
@@ -92,7 +92,7 @@ def test_routing_probe_reads_the_gate_weight_of_the_dedicated_expert(banks, tiny
 
 
 def test_routing_probe_refuses_a_bank_without_gates(tiny_base, two_tasks, tmp_path):
-    from bench.routing import dedicated_share
+    from bench.probes import dedicated_share
     from moecl.bank import load_bank
     from moecl.config import Params
     from moecl.train.step import run_step
@@ -109,7 +109,7 @@ def test_routing_probe_refuses_a_bank_without_gates(tiny_base, two_tasks, tmp_pa
 def test_routing_probe_reads_each_tasks_own_gate(tiny_base, tiny_tok):
     """With method.task_gates the probe reads the task's own gate: a bias of b gives beta_t = sigmoid(b) when
     the gate's weights are zero."""
-    from bench.routing import dedicated_share
+    from bench.probes import dedicated_share
     from moecl.config import MethodConfig, Params
     from moecl.model.moecl_model import MoECLModel, TaskInfo, expert_name
 
@@ -127,3 +127,14 @@ def test_routing_probe_reads_each_tasks_own_gate(tiny_base, tiny_tok):
     share_2 = dedicated_share(model, tiny_tok, "t2", ["alpha beta", "gamma"], 32)
     assert share_1 == pytest.approx([float(torch.sigmoid(torch.tensor(1.0)))] * len(model.layers), abs=1e-6)
     assert share_2 == pytest.approx([float(torch.sigmoid(torch.tensor(-1.0)))] * len(model.layers), abs=1e-6)
+
+
+def test_the_agreement_command_compares_parameters(banks, capsys):
+    from bench.probes import main
+
+    a, b, _ = banks
+    assert main(["agreement", str(a), str(b), "--parameters-only"]) == 0
+    out = capsys.readouterr().out
+    assert "expert topics" in out and "distance" in out
+    with pytest.raises(SystemExit):  # agreement compares exactly two banks
+        main(["agreement", str(a)])
