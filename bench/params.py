@@ -106,7 +106,9 @@ def method_params(
     preset's; the data sample always uses the preset's)."""
     from bench.presets import COMMON
 
-    sections = {k: v for k, v in preset["modes"][mode].items() if isinstance(v, dict)}
+    # a mode the preset does not train (the cost figures' classifier mode on the instruction-only cpu preset)
+    # takes the preset's and the library's settings
+    sections = {k: v for k, v in preset["modes"].get(mode, {}).items() if isinstance(v, dict)}
     variant = parse_variant(method)
     if variant.get("replay_per_task", 0) is None:
         variant["replay_per_task"] = preset["replay_per_task"]

@@ -325,6 +325,9 @@ def test_presets_build_valid_params_for_every_row() -> None:
             for mode in preset["modes"]:
                 params = method_params(preset, method, mode, seed=7)
                 assert params.method.mode == mode and params.train.seed == 7
+        for mode in preset["cost"]["modes"]:  # the cost figures may time a mode the preset does not train
+            for method in preset["cost"].get("scaling_methods", []):
+                assert method_params(preset, method, mode).method.mode == mode
     cpu = method_params(get_preset("cpu"), "seq_lora+replay", "instruction")
     assert (cpu.train.lr, cpu.train.max_length, cpu.train.threads, cpu.method.replay_per_task) == (
         5e-4,
