@@ -79,7 +79,7 @@ def paired_comparisons(runs: list[dict], methods: list[str] | None = None) -> di
     """reference -> mode -> other row -> ACC(reference) - ACC(other), paired record by record.
 
     Each reference run pairs with the other row's run of the same order and seed (the joint `mtl` run with every
-    order; a row with fewer seeds pairs with its first): the difference (spread over the pairs), its paired
+    order; a reference run whose seed the other row lacks is left unpaired): the difference (spread over the pairs), its paired
     standard error (mean over pairs) and the records only one side got right, summed. References: REFERENCES
     that were run, else the first moecl row there is. Runs without per-record correctness are left out."""
     marked = [r for r in runs if r.get("correct")]
@@ -93,8 +93,8 @@ def paired_comparisons(runs: list[dict], methods: list[str] | None = None) -> di
                 candidates = [r for r in marked if r["method"] == other and r["mode"] == ref["mode"]]
                 candidates = [r for r in candidates if r["order"] in (ref["order"], "joint")]
                 same_seed = [r for r in candidates if r.get("seed", 42) == ref.get("seed", 42)]
-                if candidates:
-                    pair = paired_acc_difference(ref["correct"], (same_seed or candidates)[0]["correct"])
+                if same_seed:  # another seed's run would mix training-seed noise into the paired figure
+                    pair = paired_acc_difference(ref["correct"], same_seed[0]["correct"])
                     table.setdefault(ref["mode"], {}).setdefault(other, []).append((_run_label(ref), pair))
         out[reference] = {
             mode: {

@@ -337,3 +337,21 @@ def test_presets_build_valid_params_for_every_row() -> None:
     )
     knob = method_params(get_preset("smoke"), "moecl_paper+shared_lr=0.1", "classifier").method
     assert knob.shared_lr_scale == 0.1 and not knob.paper and knob.gate_bias == 0.0  # the paper plus one knob
+
+
+def test_paired_tables_pair_runs_of_the_same_seed_only() -> None:
+    from bench.report import paired_comparisons
+
+    def run(method, seed, marks):
+        return {"method": method, "mode": "instruction", "order": "order1", "seed": seed, "correct": {"t": marks}}
+
+    runs = [
+        run("moecl", 42, "1100"),
+        run("moecl", 43, "0000"),
+        run("seq_lora", 42, "1000"),  # seq_lora has no seed-43 run: moecl's seed 43 stays unpaired
+        run("o_lora", 42, "0000"),
+        run("o_lora", 43, "1111"),
+    ]
+    table = paired_comparisons(runs)["moecl"]["instruction"]
+    assert table["seq_lora"]["records"] == 4 and table["seq_lora"]["diff"]["mean"] == 0.25
+    assert table["o_lora"]["records"] == 8 and table["o_lora"]["diff"]["mean"] == (0.5 - 1.0) / 2
