@@ -343,7 +343,13 @@ def test_paired_tables_pair_runs_of_the_same_seed_only() -> None:
     from bench.report import paired_comparisons
 
     def run(method, seed, marks):
-        return {"method": method, "mode": "instruction", "order": "order1", "seed": seed, "correct": {"t": marks}}
+        return {
+            "method": method,
+            "mode": "instruction",
+            "order": "order1",
+            "seed": seed,
+            "correct": {"t": marks},
+        }
 
     runs = [
         run("moecl", 42, "1100"),
