@@ -101,11 +101,21 @@ def champion_ws(request, tmp_path_factory, tiny_base):
 
 
 @pytest.fixture
-def ws(champion_ws, tmp_path, monkeypatch):
-    root = tmp_path / "ws"
-    shutil.copytree(champion_ws, root, symlinks=True)
-    monkeypatch.chdir(root)
-    return root
+def copy_workspace(tmp_path, monkeypatch):
+    """copy_workspace(built): the test's own copy of a module-scoped built workspace, as the working directory."""
+
+    def copy(built):
+        root = tmp_path / "ws"
+        shutil.copytree(built, root, symlinks=True)
+        monkeypatch.chdir(root)
+        return root
+
+    return copy
+
+
+@pytest.fixture
+def ws(champion_ws, copy_workspace):
+    return copy_workspace(champion_ws)
 
 
 @pytest.fixture(scope="module")

@@ -244,11 +244,8 @@ def two_champions_ws(tmp_path_factory, tiny_base):
 
 
 @pytest.fixture
-def ws(two_champions_ws, tmp_path, monkeypatch):
-    root = tmp_path / "ws"
-    shutil.copytree(two_champions_ws, root, symlinks=True)
-    monkeypatch.chdir(root)
-    return root
+def ws(two_champions_ws, copy_workspace):
+    return copy_workspace(two_champions_ws)
 
 
 def _bank_of(root: Path, version: str) -> Path:
