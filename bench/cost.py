@@ -143,9 +143,9 @@ def _free(steppers: dict) -> None:
             torch.cuda.empty_cache()
 
 
-def measure_method(base, preset: dict, method: str, mode: str, n_tasks: int) -> dict:
-    """Peak memory of `method`'s first training steps, alone (their times are replaced by interleaved ones):
-    torch.cuda.max_memory_allocated on CUDA, peak RSS (VmHWM) on CPU; `memory_before_mb`: in use before them."""
+def measure_memory(base, preset: dict, method: str, mode: str, n_tasks: int) -> dict:
+    """Peak memory of `method`'s first training steps, alone: torch.cuda.max_memory_allocated on CUDA, peak RSS
+    (VmHWM, reset through /proc/self/clear_refs) on CPU; `memory_before_mb`: in use before them."""
     alone = {method: Stepper(base, preset, method, mode, n_tasks)}
     stepper, cuda = alone[method], alone[method].device.type == "cuda"
     kind = "cuda_max_memory_allocated" if cuda else "peak_rss"
@@ -159,7 +159,8 @@ def measure_method(base, preset: dict, method: str, mode: str, n_tasks: int) -> 
             Path("/proc/self/clear_refs").write_text("5")
         except OSError:
             kind = "ru_maxrss (process lifetime: no per-method reset here)"
-    train = [stepper.step() for _ in range(max(preset["cost"]["warmup"], 1))]  # the peak comes in the first
+    for _ in range(max(preset["cost"]["warmup"], 1)):  # the peak comes in the first steps
+        stepper.step()
     if cuda:
         peak = torch.cuda.max_memory_allocated(stepper.device) / 2**20  # step() synchronised
     else:
@@ -169,19 +170,8 @@ def measure_method(base, preset: dict, method: str, mode: str, n_tasks: int) -> 
     del stepper
     _free(alone)
     peak, before = (None if v is None else round(v, 1) for v in (peak, before))
-    row = {"method": method, "mode": mode, "tasks": n_tasks, **_step_times(train, "alone")}
-    row.update(batch_rows=rows, peak_memory_mb=peak, memory_before_mb=before, peak_memory_kind=kind)
-    return row
-
-
-def _step_times(seconds: list[float], timing: str) -> dict:
-    """The median step time, every timed step, and how they were timed (alone or interleaved)."""
-    all_s = [round(t, 5) for t in seconds]
-    return {
-        "train_step_s": round(_median(seconds), 5),
-        "train_step_all_s": all_s,
-        "train_step_timing": timing,
-    }
+    row = {"method": method, "mode": mode, "tasks": n_tasks, "batch_rows": rows}
+    return row | {"peak_memory_mb": peak, "memory_before_mb": before, "peak_memory_kind": kind}
 
 
 def _rounds(steppers: dict, cost: dict, measure) -> dict[str, list]:
@@ -210,8 +200,9 @@ def interleaved(base, preset: dict, mode: str, rows: list[dict], key: str, *, la
     )
     _free(steppers)
     for row in rows:
-        row["train_step_alone_s"] = row["train_step_s"]
-        row.update(_step_times(steps[row[key]], "interleaved"))
+        timed = steps[row[key]]
+        row["train_step_s"], row["train_step_all_s"] = round(_median(timed), 5), [round(t, 5) for t in timed]
+        row["train_step_timing"] = "interleaved"
         if latency:
             batched, single = zip(*passes[row[key]])
             row["latency_ms_per_sample"] = round(1000 * _median(batched) / cost["batch_size"], 4)
@@ -251,8 +242,7 @@ def run_costs(base, preset: dict, methods: list[str], *, log=print, checkpoint=N
         rows = out["modes"].setdefault(mode, [])
         for method in timed:
             log(f"cost: {mode} {method} ({cost['tasks']} tasks): memory")
-            rows.append(measure_method(base, preset, method, mode, cost["tasks"]))
-            _ratios(rows)
+            rows.append(measure_memory(base, preset, method, mode, cost["tasks"]))
             done()
         log(f"cost: {mode}: {cost['repeats']} interleaved rounds of training steps, then of forward passes")
         interleaved(base, preset, mode, rows, "method", latency=True)
@@ -263,7 +253,7 @@ def run_costs(base, preset: dict, methods: list[str], *, log=print, checkpoint=N
         points = out["scaling"].setdefault(method, {"mode": mode, "points": []})["points"]
         for n in cost["scaling_tasks"]:
             log(f"cost: scaling {mode} {method} with {n} tasks: memory")
-            points.append(measure_method(base, preset, method, mode, n))
+            points.append(measure_memory(base, preset, method, mode, n))
             done()
         log(f"cost: scaling {mode} {method}: {cost['repeats']} interleaved rounds")
         interleaved(base, preset, mode, points, "tasks")

@@ -16,9 +16,9 @@ import torch
 
 from bench.params import label
 from bench.presets import METHODS
-from bench.probes import format_share
 from moecl.io import write_text_atomic
 from moecl.metrics import acc_standard_error, paired_acc_difference, spread
+from moecl.routing import format_share
 
 # The rows that the paired tables compare with every other: the best MoE-CL, and its replay form.
 REFERENCES = ("moecl", "moecl+replay")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import shlex
 import shutil
@@ -73,7 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     budget = "start no new run after this many minutes (the rest are listed as not run)"
     add("--budget-minutes", type=float, help=budget)
     add("--quiet", action="store_true", help="no progress bars")
-    add("--dry-run", action="store_true", help="print the work each run does, then stop")
     return ap.parse_args(argv)
 
 
@@ -165,33 +163,6 @@ def plan_runs(methods, modes, orders, seeds: dict[str, list[int]] | None = None)
     return plan
 
 
-def describe_plan(preset: dict, methods, modes, orders: dict, tasks_by_mode: dict, cost: bool = True) -> str:
-    """The work of a run, to size a preset: optimisation steps and test predictions per run."""
-    lines = [f"preset {preset['name']}: {preset['description']}"]
-    plan, n_order = plan_runs(methods, modes, list(orders)), len(next(iter(orders.values())))
-    for mode in modes:
-        size, tasks = method_params(preset, "seq_lora", mode).train, tasks_by_mode[mode]
-        kept = {k: round(len(t.train) * (1 - size.dev_fraction)) for k, t in tasks.items()}  # the rest is dev
-        steps = sum(math.ceil(n / size.batch_size) * size.epochs for n in kept.values())
-        test = sum(len(t.test) for t in tasks.values()) / len(tasks)
-        dev = sum(len(t.train) - kept[k] for k, t in tasks.items()) * size.epochs * size.evals_per_epoch
-        predictions = round(test * (n_order * 2 + n_order - 1 + n_order)) + dev
-        lines.append(
-            f"  {mode}: {sum(1 for m, *_ in plan if m == mode)} runs; per run about {steps} optimisation steps of "
-            f"{size.batch_size} x <= {size.max_length} tokens and {predictions} predictions (test + dev)"
-            + (" by greedy generation" if mode == "instruction" else "")
-            + "; tasks: "
-            + ", ".join(f"{k} {len(t.train)} train / {len(t.test)} test" for k, t in tasks.items())
-        )
-    if cost:
-        c = preset["cost"]
-        models = (len([m for m in methods if not is_joint(m)]) or 2) * len(c["modes"])
-        models += len(c["scaling_tasks"]) * len(c["scaling_methods"])
-        steps = c["warmup"] + c["repeats"]
-        lines.append(f"  cost: {models} models x {steps} steps of {c['batch_size']} x {c['seq_len']} tokens")
-    return "\n".join(lines)
-
-
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -254,9 +225,6 @@ def _main(argv: list[str] | None) -> int:
         tasks_by_mode = load_tasks(preset, modes, orders, args.data, args.split)
     except DataMissing as exc:
         print(f"SKIPPED: {exc}", file=sys.stderr)
-        return 0
-    if args.dry_run:
-        print(describe_plan(preset, methods, modes, orders, tasks_by_mode, cost=not args.no_cost))
         return 0
     if preset["device"] == "cuda" and not torch.cuda.is_available():
         print(f"preset {preset['name']!r} needs a CUDA GPU and torch sees none", file=sys.stderr)

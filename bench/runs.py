@@ -21,6 +21,7 @@ from moecl.evaluate import evaluate_bank, evaluate_model
 from moecl.metrics import ContinualMetrics
 from moecl.model.base import preferred_device
 from moecl.model.moecl_model import TaskInfo
+from moecl.routing import routing_summary
 from moecl.train.loop import fit, task_items
 from moecl.train.step import run_step, seed_everything
 
@@ -113,17 +114,11 @@ def run_continual(
 
 
 def final_routing(bank: Path, base, tasks: dict, order: list[str], params) -> dict:
-    """Per task of the final bank, the gate's weight beta_t on the task's own expert over its test prompts:
-    the mean over layers and the lowest and highest layer (bench.probes.dedicated_share)."""
-    from bench.probes import dedicated_share, summarise_share
-
+    """Per task of the final bank, the gate's weight beta_t on the task's own expert over its test prompts
+    (moecl.routing): the mean over layers and the lowest and highest layer."""
     loaded = load_bank(bank, base, device=preferred_device())
     texts = {t: [r.text for r in tasks[t].test] for t in order}
-    share = {
-        t: dedicated_share(loaded.model, loaded.tokenizer, t, texts[t], params.train.max_length)
-        for t in order
-    }
-    return {t: summarise_share(s) for t, s in share.items()}
+    return routing_summary(loaded.model, loaded.tokenizer, texts, params.train.max_length)
 
 
 def run_joint(bench: Bench, method: str, mode: str, tasks, seed) -> dict:

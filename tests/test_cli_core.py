@@ -49,6 +49,15 @@ def test_step_two_tasks_then_eval_gives_a_2x2_matrix(project, capsys):
     assert len(lines) == 2 and all(x["label"] in ("positive", "negative") for x in lines)
     assert set(lines[0]["scores"]) == {"positive", "negative"}
 
+    # --routing: the gate's weight on each task's own expert; the default gate starts leaning to it (gate_bias)
+    assert main(["eval", "--bank", "banks/b2", "--json", "--routing", "--quiet"]) == 0
+    routing = json.loads(capsys.readouterr().out)["routing"]
+    assert set(routing) == {"topics", "sentiment"}
+    for cell in routing.values():
+        assert 0.5 < cell["min"] <= cell["mean"] <= cell["max"] < 1.0
+    assert main(["eval", "--bank", "banks/b2", "--routing", "--quiet"]) == 0
+    assert "gate weight on each task's own expert" in capsys.readouterr().out
+
 
 def test_bad_inputs_give_clear_errors_and_write_nothing(project, capsys):
     assert main(["step", "--task", "topics", "--out", "banks/b1", "--quiet"]) == 0

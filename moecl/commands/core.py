@@ -128,19 +128,44 @@ def cmd_eval(args) -> int:
     tasks = load_tasks(params, manifest.task_ids)
     evaluation = evaluate_bank(bank, base_from_params(params.model), tasks, params, progress=not args.quiet)
     record = evaluation.record  # as evaluation.json holds it: the command prints and writes what is stored
+    routing = bank_routing(bank, tasks, params) if args.routing else None
     if args.out:
         from moecl.io import write_json_atomic
 
         write_json_atomic(args.out, record["metrics"])
     if args.json:
-        print(json.dumps(record, indent=2))
-    else:
-        print(format_matrix(record["metrics"]))
-        for task_id, rate in evaluation.stripping_rate.items():
-            print(
-                f"stripping rate {task_id}: {rate:.3f} (precision >= {params.evaluate.stripping_precision})"
-            )
+        print(json.dumps(record | ({"routing": routing} if args.routing else {}), indent=2))
+        return 0
+    print(format_matrix(record["metrics"]))
+    for task_id, rate in evaluation.stripping_rate.items():
+        print(f"stripping rate {task_id}: {rate:.3f} (precision >= {params.evaluate.stripping_precision})")
+    if routing is not None:
+        from moecl.routing import format_share
+
+        print(
+            "gate weight on each task's own expert, mean over layers [lowest, highest] (0.5: untrained gate)"
+        )
+        for task_id, cell in routing.items():
+            print(f"  {task_id}: {format_share(cell)}")
+    elif args.routing:
+        print("routing: this bank's method has no gate (only moecl mixes a shared and a dedicated expert)")
     return 0
+
+
+def bank_routing(bank: Path, tasks: dict, params) -> dict | None:
+    """task -> the gate's weight on its own expert over the task's evaluated test prompts (moecl.routing);
+    None for a method without a gate."""
+    from moecl.bank import load_bank
+    from moecl.model.base import base_from_params, preferred_device
+    from moecl.routing import routing_summary
+    from moecl.sampling import stratified_sample
+
+    loaded = load_bank(bank, base_from_params(params.model), device=preferred_device())
+    if not loaded.model.method.uses_gate:
+        return None
+    sample = params.evaluate.max_test_examples, params.train.seed
+    texts = {t: [r.text for r in stratified_sample(tasks[t].test, *sample)] for t in loaded.model.task_ids}
+    return routing_summary(loaded.model, loaded.tokenizer, texts, params.train.max_length)
 
 
 def _read_texts(args) -> list[str]:
@@ -246,6 +271,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", help="also write the metrics JSON here")
     p.add_argument("--json", action="store_true", help="print the full evaluation record as JSON")
+    p.add_argument("--routing", action="store_true", help="also the gate's weight on each task's own expert")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(handler=cmd_eval)
 
