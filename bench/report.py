@@ -18,6 +18,7 @@ from bench.params import label
 from bench.presets import METHODS
 from moecl.io import write_text_atomic
 from moecl.metrics import acc_standard_error, paired_acc_difference, spread
+from moecl.plots import draw_method_comparison
 from moecl.routing import format_share
 
 # The rows that the paired tables compare with every other: the best MoE-CL, and its replay form.
@@ -146,6 +147,14 @@ def write_results(out_dir: Path, name: str, result: dict) -> tuple[Path, Path]:
     paths = (out_dir / f"{name}.json", out_dir / f"{name}.md")
     write_text_atomic(paths[0], json.dumps(result, indent=2, sort_keys=False, default=str))
     write_text_atomic(paths[1], markdown(result))
+    if result.get("finished"):  # the figure once, at the end (drawing costs a fraction of a second)
+        for mode, rows in result.get("summary", {}).items():
+            shown = {
+                label(m): {k: s[k]["mean"] for k in ("acc", "bwt")} | {"acc_se": s["acc_se"]}
+                for m, s in rows.items()
+            }
+            title = f"{result['preset']} preset, {mode} mode (mean over each row's runs)"
+            draw_method_comparison(shown, out_dir / f"{name}-{mode}.png", title)
     return paths
 
 
@@ -234,6 +243,8 @@ def markdown(result: dict) -> str:
         ]
         cells = [row + [", ".join(s.get("runs") or s["orders"])] for row, s in zip(cells, rows.values())]
         lines += [f"### {mode} mode", ""] + _table(["method", "ACC", "ACC s.e.", "BWT", "FWT", "runs"], cells)
+        if result.get("finished"):
+            lines += [f"![ACC and BWT of each row]({result['name']}-{mode}.png)", ""]
     for mode, check in (result.get("instrument") or {}).items():
         ratio = check["ratio"]
         verdict = (

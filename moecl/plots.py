@@ -249,6 +249,36 @@ def draw_forgetting(metrics: ContinualMetrics, path: Path) -> Path:
     return _save_png(fig, path)
 
 
+def draw_method_comparison(rows: dict[str, dict], path: Path, title: str = "") -> Path:
+    """Methods side by side: ACC with its standard error, and BWT. `rows`: label -> {"acc", "acc_se", "bwt"}
+    (means over a method's runs; None where a figure does not apply, e.g. BWT of a joint upper bound)."""
+    fig = _figure(max(6.4, 2.0 + 0.9 * len(rows)), 3.8)
+    acc_ax, bwt_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    if not rows:
+        _no_data(acc_ax, "results")
+        _no_data(bwt_ax, "results")
+        return _save_png(fig, path)
+    labels, positions = list(rows), range(len(rows))
+    acc = [_value(r.get("acc")) or 0.0 for r in rows.values()]
+    se = [_value(r.get("acc_se")) or 0.0 for r in rows.values()]
+    bars = acc_ax.bar(positions, acc, yerr=se, capsize=3, color="#1f77b4")
+    acc_ax.bar_label(bars, [f"{v:.3f}" for v in acc], fontsize=7, padding=4)
+    acc_ax.set_ylim(0.0, 1.0)
+    acc_ax.set_ylabel("ACC (final mean accuracy) ± s.e.")
+    bwt = [_value(r.get("bwt")) for r in rows.values()]
+    colours = ["#d62728" if (v or 0.0) < 0 else "#2ca02c" for v in bwt]
+    bars = bwt_ax.bar(positions, [v or 0.0 for v in bwt], color=colours)
+    bwt_ax.bar_label(bars, ["n/a" if v is None else f"{v:+.3f}" for v in bwt], fontsize=7)
+    bwt_ax.axhline(0.0, color="black", linewidth=0.8)
+    bwt_ax.set_ylabel("BWT (negative = forgotten)")
+    for ax in (acc_ax, bwt_ax):
+        ax.set_xticks(positions, labels, rotation=35, ha="right", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save_png(fig, path)
+
+
 # --- all of it --------------------------------------------------------------------------------------------
 
 

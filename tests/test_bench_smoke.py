@@ -102,6 +102,9 @@ def test_runs_keep_per_record_correctness_and_pair_with_moecl(smoke) -> None:
     text = (out / "smoke.md").read_text()
     assert "## moecl (best) against each row, record by record" in text
     assert "## moecl (best)+replay against each row, record by record" in text
+    for mode in ("classifier", "instruction"):  # the figure of every mode, linked from the tables
+        assert (out / f"smoke-{mode}.png").read_bytes()[:4] == b"\x89PNG"
+        assert f"![ACC and BWT of each row](smoke-{mode}.png)" in text
 
 
 def test_moecl_runs_report_their_gate_routing(smoke) -> None:

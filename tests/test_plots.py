@@ -136,3 +136,19 @@ def test_heatmap_template_renders_with_dvc_render(plots_dir, tmp_path):
     filled = renderer.get_filled_template()
     assert filled["spec"]["encoding"]["x"]["field"] == "task"
     assert filled["data"]["values"][0]["accuracy"] == 0.9
+
+
+def test_method_comparison_draws_the_rows_it_is_given(tmp_path):
+    from moecl.plots import draw_method_comparison
+
+    rows = {
+        "seq_lora": {"acc": 0.56, "acc_se": 0.02, "bwt": -0.1},
+        "mtl": {"acc": 0.63, "acc_se": 0.02, "bwt": None},
+    }
+    first = draw_method_comparison(rows, tmp_path / "a.png", "t").read_bytes()
+    assert first[:8] == PNG_MAGIC
+    assert draw_method_comparison(rows, tmp_path / "b.png", "t").read_bytes() == first  # reproducible
+    changed = rows | {"seq_lora": rows["seq_lora"] | {"bwt": -0.3}}
+    assert draw_method_comparison(changed, tmp_path / "c.png", "t").read_bytes() != first
+    assert draw_method_comparison({}, tmp_path / "none.png").read_bytes()[:8] == PNG_MAGIC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.png", "c.png", "none.png"]
