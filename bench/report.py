@@ -149,11 +149,16 @@ def write_results(out_dir: Path, name: str, result: dict) -> tuple[Path, Path]:
     write_text_atomic(paths[1], markdown(result))
     if result.get("finished"):  # the figure once, at the end (drawing costs a fraction of a second)
         for mode, rows in result.get("summary", {}).items():
-            shown = {
-                label(m): {k: s[k]["mean"] for k in ("acc", "bwt")} | {"acc_se": s["acc_se"]}
+            counts = {m: len(s["runs"]) for m, s in rows.items()}
+            shown = {  # rows with fewer runs than others are marked: their mean covers fewer seeds / orders
+                label(m) + (f" ({counts[m]})" if len(set(counts.values())) > 1 else ""): {
+                    k: s[k]["mean"] for k in ("acc", "bwt")
+                }
+                | {"acc_se": s["acc_se"]}
                 for m, s in rows.items()
             }
-            title = f"{result['preset']} preset, {mode} mode (mean over each row's runs)"
+            runs = " (n: how many)" if len(set(counts.values())) > 1 else ""
+            title = f"{result['preset']} preset, {mode} mode: mean over each row's runs{runs}"
             draw_method_comparison(shown, out_dir / f"{name}-{mode}.png", title)
     return paths
 
