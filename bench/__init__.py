@@ -2,5 +2,5 @@
 
 Entry point: `python -m bench.run --preset smoke|cpu|cpu-full|gpu`. Every run goes through the library's own
 step, training loop and evaluation (bench/runs.py); the cost figures time the library's own training step
-(bench/cost.py); bench/probes.py inspects kept banks.
+(bench/cost.py).
 """

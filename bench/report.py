@@ -21,8 +21,10 @@ from moecl.metrics import acc_standard_error, paired_acc_difference, spread
 from moecl.plots import draw_method_comparison
 from moecl.routing import format_share
 
-# The rows that the paired tables compare with every other: the best MoE-CL, and its replay form.
+# The rows that the paired tables compare with every other: the best MoE-CL and its replay form; in an
+# ablation (one knob at a time on the paper's setting) the paper's setting, then the best.
 REFERENCES = ("moecl", "moecl+replay")
+ABLATION_REFERENCES = ("moecl_paper", "moecl")
 
 
 def hardware() -> dict:
@@ -76,18 +78,18 @@ def summarise(runs: list[dict], data: dict | None = None, methods: list[str] | N
     return out
 
 
-def paired_comparisons(runs: list[dict], methods: list[str] | None = None) -> dict:
+def paired_comparisons(runs: list[dict], methods: list[str] | None = None, references=REFERENCES) -> dict:
     """reference -> mode -> other row -> ACC(reference) - ACC(other), paired record by record.
 
     Each reference run pairs with the other row's run of the same order and seed (the joint `mtl` run with every
     order; a reference run whose seed the other row lacks is left unpaired): the difference (spread over the pairs), its paired
-    standard error (mean over pairs) and the records only one side got right, summed. References: REFERENCES
-    that were run, else the first moecl row there is. Runs without per-record correctness are left out."""
+    standard error (mean over pairs) and the records only one side got right, summed. References: those of
+    `references` that were run, else the first moecl row there is. Runs without per-record correctness are left out."""
     marked = [r for r in runs if r.get("correct")]
     present = {r["method"] for r in marked}
     firsts = [m for m in (methods or sorted(present)) if m in present and m.startswith("moecl")][:1]
     out: dict = {}
-    for reference in [m for m in REFERENCES if m in present] or firsts:
+    for reference in [m for m in references if m in present] or firsts:
         table: dict = {}
         for ref in (r for r in marked if r["method"] == reference):
             for other in sorted(present - {reference}):
@@ -149,16 +151,19 @@ def write_results(out_dir: Path, name: str, result: dict) -> tuple[Path, Path]:
     write_text_atomic(paths[1], markdown(result))
     if result.get("finished"):  # the figure once, at the end (drawing costs a fraction of a second)
         for mode, rows in result.get("summary", {}).items():
-            counts = {m: len(s["runs"]) for m, s in rows.items()}
-            shown = {  # rows with fewer runs than others are marked: their mean covers fewer seeds / orders
-                label(m) + (f" ({counts[m]})" if len(set(counts.values())) > 1 else ""): {
-                    k: s[k]["mean"] for k in ("acc", "bwt")
+            # where rows differ in how many runs they average (seeds, orders), each label says its count
+            mixed = len({len(s["runs"]) for s in rows.values()}) > 1
+            shown = {
+                label(m) + (f" ({len(s['runs'])})" if mixed else ""): {
+                    "acc": s["acc"]["mean"],
+                    "bwt": s["bwt"]["mean"],
+                    "acc_se": s["acc_se"],
                 }
-                | {"acc_se": s["acc_se"]}
                 for m, s in rows.items()
             }
-            runs = " (n: how many)" if len(set(counts.values())) > 1 else ""
-            title = f"{result['preset']} preset, {mode} mode: mean over each row's runs{runs}"
+            title = f"{result['preset']} preset, {mode} mode: mean over each row's runs" + (
+                " (n: how many)" if mixed else ""
+            )
             draw_method_comparison(shown, out_dir / f"{name}-{mode}.png", title)
     return paths
 

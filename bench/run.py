@@ -180,6 +180,8 @@ def _main(argv: list[str] | None) -> int:
     import torch
 
     from bench.report import (
+        ABLATION_REFERENCES,
+        REFERENCES,
         hardware,
         instrument_check,
         paired_comparisons,
@@ -251,7 +253,8 @@ def _main(argv: list[str] | None) -> int:
             result["cost"] = cost
         result["wall_seconds"] = round(time.perf_counter() - started_wall, 1)
         result["summary"] = summarise(result["runs"], result["data"], methods)
-        result["paired"] = paired_comparisons(result["runs"], methods)
+        references = ABLATION_REFERENCES if args.ablation else REFERENCES
+        result["paired"] = paired_comparisons(result["runs"], methods, references)
         result["instrument"] = instrument_check(result["runs"])
         result["zero_shot"] = zero_shot_table(result["runs"])
         return write_results(Path(args.out), name, result)

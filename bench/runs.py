@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.params import file_stem, method_params
-from moecl.bank import load_bank, new_model
+from moecl.bank import new_model
 from moecl.evaluate import evaluate_bank, evaluate_model
 from moecl.metrics import ContinualMetrics
-from moecl.model.base import preferred_device
 from moecl.model.moecl_model import TaskInfo
-from moecl.routing import routing_summary
+from moecl.routing import bank_routing
 from moecl.train.loop import fit, task_items
 from moecl.train.step import run_step, seed_everything
 
@@ -116,9 +115,8 @@ def run_continual(
 def final_routing(bank: Path, base, tasks: dict, order: list[str], params) -> dict:
     """Per task of the final bank, the gate's weight beta_t on the task's own expert over its test prompts
     (moecl.routing): the mean over layers and the lowest and highest layer."""
-    loaded = load_bank(bank, base, device=preferred_device())
     texts = {t: [r.text for r in tasks[t].test] for t in order}
-    return routing_summary(loaded.model, loaded.tokenizer, texts, params.train.max_length)
+    return bank_routing(bank, base, texts, params.train.max_length) or {}
 
 
 def run_joint(bench: Bench, method: str, mode: str, tasks, seed) -> dict:

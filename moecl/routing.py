@@ -8,6 +8,9 @@ forward pass over real prompts (hooks on the gates the task uses), averaged over
 
 from __future__ import annotations
 
+import statistics
+from pathlib import Path
+
 import torch
 
 from moecl.model.encoding import Encoder, collate, pad_id
@@ -57,12 +60,24 @@ def routing_summary(model, tokenizer, texts: dict[str, list[str]], max_length: i
     out = {}
     for task_id, task_texts in texts.items():
         share = dedicated_share(model, tokenizer, task_id, task_texts, max_length)
-        out[task_id] = {k: round(f(share), 6) for k, f in (("mean", _mean), ("min", min), ("max", max))}
+        out[task_id] = {
+            k: round(f(share), 6) for k, f in (("mean", statistics.fmean), ("min", min), ("max", max))
+        }
     return out
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
+def bank_routing(
+    bank: str | Path, base, texts: dict[str, list[str]], max_length: int
+) -> dict[str, dict] | None:
+    """`routing_summary` of a bank on disk (loaded on the GPU when there is one); None for a method without a
+    gate."""
+    from moecl.bank import load_bank
+    from moecl.model.base import preferred_device
+
+    loaded = load_bank(bank, base, device=preferred_device())
+    if not loaded.model.method.uses_gate:
+        return None
+    return routing_summary(loaded.model, loaded.tokenizer, texts, max_length)
 
 
 def format_share(cell: dict[str, float]) -> str:

@@ -364,3 +364,17 @@ def test_paired_tables_pair_runs_of_the_same_seed_only() -> None:
     table = paired_comparisons(runs)["moecl"]["instruction"]
     assert table["seq_lora"]["records"] == 4 and table["seq_lora"]["diff"]["mean"] == 0.25
     assert table["o_lora"]["records"] == 8 and table["o_lora"]["diff"]["mean"] == (0.5 - 1.0) / 2
+
+
+def test_an_ablation_pairs_every_knob_with_the_papers_setting(tmp_path) -> None:
+    from bench.run import main
+
+    argv = ["--preset", "smoke", "--ablation", "--methods", "moecl_paper", "moecl_paper+gate_bias", "moecl"]
+    argv += ["--modes", "instruction", "--orders", "order1", "--no-cost", "--quiet", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "smoke-ablation.json").read_text())
+    assert list(result["paired"]) == ["moecl_paper", "moecl"]
+    assert set(result["paired"]["moecl_paper"]["instruction"]) == {"moecl_paper+gate_bias", "moecl"}
+    assert (
+        "## moecl (paper) against each row, record by record" in (tmp_path / "smoke-ablation.md").read_text()
+    )

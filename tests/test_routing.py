@@ -66,3 +66,29 @@ def test_routing_probe_reads_each_tasks_own_gate(tiny_base, tiny_tok):
     share_2 = dedicated_share(model, tiny_tok, "t2", ["alpha beta", "gamma"], 32)
     assert share_1 == pytest.approx([float(torch.sigmoid(torch.tensor(1.0)))] * len(model.layers), abs=1e-6)
     assert share_2 == pytest.approx([float(torch.sigmoid(torch.tensor(-1.0)))] * len(model.layers), abs=1e-6)
+
+
+def test_routing_probe_ignores_padding(tiny_base, tiny_tok):
+    """A batch of prompts of different lengths gives the token-weighted mean of each prompt alone: the padded
+    positions of the shorter prompt count for nothing."""
+    from moecl.config import MethodConfig, Params
+    from moecl.model.encoding import Encoder
+    from moecl.model.moecl_model import MoECLModel, TaskInfo
+    from moecl.routing import dedicated_share
+
+    torch.manual_seed(0)
+    model = MoECLModel(tiny_base.load()[0], Params().lora, MethodConfig(name="moecl", task_gates=True))
+    model.add_task(TaskInfo("t1", ["a", "b"]))
+    with torch.no_grad():
+        for layer in model.layers:
+            for gate in layer.task_gates.values():
+                gate.weight.normal_(
+                    std=1.0
+                )  # a gate that reads the tokens: beta_t differs from token to token
+    texts = ["alpha", "beta gamma delta alpha beta gamma delta"]
+    alone = [dedicated_share(model, tiny_tok, "t1", [t], 32) for t in texts]
+    encoder = Encoder(tiny_tok, "t1", ["a", "b"], model.task("t1").instruction, model.mode, 32)
+    tokens = [len(encoder.encode(t).input_ids) for t in texts]
+    assert tokens[0] != tokens[1] and alone[0] != pytest.approx(alone[1])
+    expected = [(a * tokens[0] + b * tokens[1]) / sum(tokens) for a, b in zip(*alone)]
+    assert dedicated_share(model, tiny_tok, "t1", texts, 32) == pytest.approx(expected, abs=1e-6)

@@ -126,9 +126,17 @@ def cmd_eval(args) -> int:
     bank = resolve_bank(params, args.bank, "eval")
     manifest = verify_bank(bank)  # a corrupted bank is refused before anything is loaded
     tasks = load_tasks(params, manifest.task_ids)
-    evaluation = evaluate_bank(bank, base_from_params(params.model), tasks, params, progress=not args.quiet)
+    base = base_from_params(params.model)  # resolved and hashed once: the routing reuses it
+    evaluation = evaluate_bank(bank, base, tasks, params, progress=not args.quiet)
     record = evaluation.record  # as evaluation.json holds it: the command prints and writes what is stored
-    routing = bank_routing(bank, tasks, params) if args.routing else None
+    routing = None
+    if args.routing:  # over the same test records the evaluation scored
+        from moecl.routing import bank_routing
+        from moecl.sampling import stratified_sample
+
+        sample = params.evaluate.max_test_examples, params.train.seed
+        texts = {t: [r.text for r in stratified_sample(tasks[t].test, *sample)] for t in manifest.task_ids}
+        routing = bank_routing(bank, base, texts, params.train.max_length)
     if args.out:
         from moecl.io import write_json_atomic
 
@@ -150,22 +158,6 @@ def cmd_eval(args) -> int:
     elif args.routing:
         print("routing: this bank's method has no gate (only moecl mixes a shared and a dedicated expert)")
     return 0
-
-
-def bank_routing(bank: Path, tasks: dict, params) -> dict | None:
-    """task -> the gate's weight on its own expert over the task's evaluated test prompts (moecl.routing);
-    None for a method without a gate."""
-    from moecl.bank import load_bank
-    from moecl.model.base import base_from_params, preferred_device
-    from moecl.routing import routing_summary
-    from moecl.sampling import stratified_sample
-
-    loaded = load_bank(bank, base_from_params(params.model), device=preferred_device())
-    if not loaded.model.method.uses_gate:
-        return None
-    sample = params.evaluate.max_test_examples, params.train.seed
-    texts = {t: [r.text for r in stratified_sample(tasks[t].test, *sample)] for t in loaded.model.task_ids}
-    return routing_summary(loaded.model, loaded.tokenizer, texts, params.train.max_length)
 
 
 def _read_texts(args) -> list[str]:
