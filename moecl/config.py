@@ -1,12 +1,14 @@
 """Typed configuration: one dataclass per params.yaml section, built from the file, the CLI or a test.
 
 The defaults here are the documented defaults of params.yaml. An unknown section or key is an error that
-names the file and the key, so a typo never silently falls back to a default.
+names the file and the key, so a typo never silently falls back to a default. A retired key (RETIRED) is
+read, ignored and warned about, so that a params.yaml written for an earlier version still loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,11 @@ MODES = ("classifier", "instruction")
 MIXED_PRECISIONS = ("no", "bf16", "fp16")
 # greedy generation + exact match; the best option by summed log-likelihood; by mean log-likelihood per token
 INSTRUCTION_EVALS = ("generate", "likelihood", "likelihood_per_token")
+# section.key -> why it no longer does anything (still accepted, with a warning)
+RETIRED = {
+    "drift.text_length_p": "Evidently chooses each column's drift test and threshold; drift.max_drift_share "
+    "decides what counts as drift",
+}
 
 
 class ParamsError(MoeclError, ValueError):
@@ -152,7 +159,6 @@ class DataConfig:
 class DriftConfig:
     report_dir: str = "reports"
     max_drift_share: float = 0.5
-    text_length_p: float = 0.05
     include_text: bool = False
 
 
@@ -306,6 +312,10 @@ def params_from_dict(raw: dict[str, Any] | None, source: str = "params") -> Para
         names = {f.name for f in dataclasses.fields(section)}
         for key, value in section_values.items():
             where = f"{source}: {section_name}.{key}"
+            if f"{section_name}.{key}" in RETIRED:
+                why = RETIRED[f"{section_name}.{key}"]
+                warnings.warn(f"{where} has no effect ({why}); remove it", UserWarning, stacklevel=2)
+                continue
             if key not in names:
                 raise ParamsError(f"{where} is not a known key (known: {', '.join(sorted(names))})")
             setattr(section, key, _coerce(value, getattr(section, key), where))
