@@ -94,6 +94,8 @@ def run_continual(
                 "dev_examples": outcome.dev_examples,
                 "replay_examples": outcome.replay_examples,
                 "best_dev_accuracy": _num(result.best_dev_accuracy),
+                "best_step": outcome.best_step,  # the checkpoint kept, and the dev curve it was chosen on
+                "dev_accuracy": [[step, _num(acc)] for step, acc in outcome.dev_accuracy],
                 "final_losses": {k: _num(v) for k, v in losses._asdict().items()} if losses else None,
             }
         )
