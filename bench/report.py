@@ -253,6 +253,7 @@ def markdown(result: dict) -> str:
         ]
         cells = [row + [", ".join(s.get("runs") or s["orders"])] for row, s in zip(cells, rows.values())]
         lines += [f"### {mode} mode", ""] + _table(["method", "ACC", "ACC s.e.", "BWT", "FWT", "runs"], cells)
+        lines += _acc_by_run(result["runs"], mode, rows)
         if result.get("finished"):
             lines += [f"![ACC and BWT of each row]({result['name']}-{mode}.png)", ""]
     for mode, check in (result.get("instrument") or {}).items():
@@ -321,6 +322,24 @@ def markdown(result: dict) -> str:
             "",
         ]
     return "\n".join(lines + ["## Preset", "", "```json", json.dumps(result["config"], indent=1), "```", ""])
+
+
+def _acc_by_run(runs: list[dict], mode: str, rows: dict) -> list[str]:
+    """Where a row has several runs: each run's ACC in its own column (order/seed); the joint row's run stands
+    in every column of its seed."""
+    runs = [r for r in runs if r["mode"] == mode]
+    columns = sorted({_run_label(r) for r in runs if r["order"] != "joint"})
+    if len(columns) < 2 or not any(len(s["runs"]) > 1 for s in rows.values()):
+        return []
+    acc = {}
+    for r in runs:
+        for column in columns:
+            if _run_label(r) == column or (
+                r["order"] == "joint" and column.endswith(f"/s{r.get('seed', 42)}")
+            ):
+                acc[r["method"], column] = r["acc"]
+    cells = [[label(m)] + [acc.get((m, column)) for column in columns] for m in rows]
+    return ["ACC of each run:", ""] + _table(["method"] + columns, cells)
 
 
 def _cost_markdown(cost: dict) -> list[str]:

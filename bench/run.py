@@ -4,7 +4,8 @@ Runs the cost micro-benchmarks, then every selected row ("method": a variant, be
 selected mode, task order and seed, and writes bench/results/<name>.json and .md. Each finished run is also
 kept in its own file (bench/results/runs/<preset>[-dev]/, bench/store.py): a rerun with the same settings
 reuses it, so a long benchmark is built over several sessions, and the results files aggregate every run
-there is. <name> is the preset's name (<preset>-ablation with --ablation, <preset>-dev with --split dev), or
+there is (a run of a few rows or seeds reads back the stored runs of the preset's other rows and seeds too).
+<name> is the preset's name (<preset>-ablation with --ablation, <preset>-dev with --split dev), or
 <preset>-slice when a flag resizes the preset (so a quick slice never overwrites a full result), or --name.
 """
 
@@ -248,13 +249,15 @@ def _main(argv: list[str] | None) -> int:
     result |= {"notes": [], "runs": [], "summary": {}, "paired": {}, "zero_shot": {}, "cost": None}
     result |= {"errors": [], "not_run": [], "finished": False}
 
+    shown = list(methods)  # the rows of the tables, in this order
+
     def save(cost: dict | None = None):
         if cost is not None:
             result["cost"] = cost
         result["wall_seconds"] = round(time.perf_counter() - started_wall, 1)
-        result["summary"] = summarise(result["runs"], result["data"], methods)
+        result["summary"] = summarise(result["runs"], result["data"], shown)
         references = ABLATION_REFERENCES if args.ablation else REFERENCES
-        result["paired"] = paired_comparisons(result["runs"], methods, references)
+        result["paired"] = paired_comparisons(result["runs"], shown, references)
         result["instrument"] = instrument_check(result["runs"])
         result["zero_shot"] = zero_shot_table(result["runs"])
         return write_results(Path(args.out), name, result)
@@ -285,7 +288,16 @@ def _main(argv: list[str] | None) -> int:
             else:
                 seeds = {m: [preset["seed"], *preset["extra_seeds"].get(m, ())] for m in methods}
             plan = plan_runs(methods, modes, list(orders), seeds)
-            _run_accuracy(bench, plan, orders, tasks_by_mode, result, save, runs_dir, args, deadline)
+            # the preset's own rows and seeds join the results from their stored runs (never run here), so that
+            # running a few rows or seeds still writes the whole table
+            rows = list(preset["ablation" if args.ablation else "methods"])
+            seeds = {m: [preset["seed"], *preset["extra_seeds"].get(m, ())] for m in rows}
+            stored_only = [run for run in plan_runs(rows, modes, list(orders), seeds) if run not in plan]
+            shown[:] = [*rows, *(m for m in methods if m not in rows)]
+            plan, stored_only = stored_only + plan, set(stored_only)
+            _run_accuracy(
+                bench, plan, stored_only, orders, tasks_by_mode, result, save, runs_dir, args, deadline
+            )
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -304,7 +316,10 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def _run_accuracy(bench, plan, orders, tasks_by_mode, result, save, runs_dir: Path, args, deadline) -> None:
+def _run_accuracy(
+    bench, plan, stored_only: set, orders, tasks_by_mode, result, save, runs_dir: Path, args, deadline
+) -> None:
+    """Run (or read back) every run of `plan`; those in `stored_only` are read back where stored, else left out."""
     from tqdm.auto import tqdm
 
     from bench.runs import run_continual, run_joint
@@ -319,7 +334,10 @@ def _run_accuracy(bench, plan, orders, tasks_by_mode, result, save, runs_dir: Pa
         data = {t: tasks_by_mode[mode][t].content_hash() for t in order_tasks}
         key = run_key(params.to_dict(), order_tasks, data, base.sha256, preset["device"])
         path = run_path(runs_dir, file_stem(method), mode, order_name, seed)
-        stored = None if args.rerun else load_run(path, key)
+        only_stored = (mode, order, method, seed) in stored_only
+        stored = None if args.rerun and not only_stored else load_run(path, key)
+        if stored is None and only_stored:
+            continue
         if stored is not None:
             result["runs"].append(stored | {"reused": True})
             # in instruction mode its b_i serve the runs still to come (the untrained model is the same)

@@ -276,8 +276,21 @@ def test_a_rerun_reuses_stored_runs_and_recomputes_them_identically(tmp_path) ->
     ]
     assert main([*argv, "--seeds", "7"]) == 0  # another training seed: new runs beside the stored ones
     fourth = json.loads((tmp_path / "smoke.json").read_text())
-    assert [r["seed"] for r in fourth["runs"]] == [7, 7] and not any(r.get("reused") for r in fourth["runs"])
+    new = [r for r in fourth["runs"] if not r.get("reused")]
+    assert [(r["method"], r["seed"]) for r in new] == [("seq_lora", 7), ("moecl", 7)]
     assert len(list((tmp_path / "runs" / "smoke").iterdir())) == 4
+    # the results aggregate every stored run of the preset's rows, not only the ones this invocation ran
+    assert fourth["summary"]["instruction"]["seq_lora"]["runs"] == ["order1/s42", "order1/s7"]
+    assert main([*argv[:2], "--methods", "moecl", *argv[5:], "--seeds", "7"]) == 0
+    fifth = json.loads((tmp_path / "smoke.json").read_text())
+    assert fifth["summary"]["instruction"]["seq_lora"]["runs"] == [
+        "order1/s42"
+    ]  # stored, at the preset's seeds
+    assert fifth["summary"]["instruction"]["moecl"]["runs"] == ["order1/s42", "order1/s7"]
+    assert (
+        all(r.get("reused") for r in fifth["runs"])
+        and "ACC of each run" in (tmp_path / "smoke.md").read_text()
+    )
 
 
 def test_dev_split_scores_on_training_records_the_run_does_not_train_on(tmp_path) -> None:
