@@ -63,7 +63,7 @@ PAPER_SETTING: dict[str, Any] = {
     "dedicated_init": "zero",
 }
 DISCRIMINATOR_SPANS = ("all", "prompt")
-DEDICATED_INITS = ("zero", "shared")
+DEDICATED_INITS = ("zero", "shared", "previous")
 
 
 @dataclass
@@ -85,7 +85,9 @@ class MethodConfig:
     shared_orth_lambda: float = 0.5  # weight of that orthogonality loss
     discriminator_span: str = "all"  # tokens the discriminator pools: all | prompt (not the answer)
     replay_per_task: int = 0  # training records per earlier task replayed through the task loss
-    dedicated_init: str = "shared"  # a new task's expert: zero (B = 0) | shared (a copy of the shared expert)
+    # a new task's expert: zero (B = 0) | shared (a copy of the shared expert) | previous (a copy of the newest
+    # earlier task's expert: per_task_lora so becomes seq_lora's path with each task's adapter kept frozen)
+    dedicated_init: str = "shared"
 
     @property
     def spec(self):

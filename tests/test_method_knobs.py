@@ -415,6 +415,49 @@ def test_a_warm_started_expert_starts_the_new_task_at_the_shared_expert(tiny_bas
         apply_overrides(Params(), ["method.dedicated_init=shared", "method.shared_orthogonal=true"])
 
 
+def test_an_expert_started_from_the_previous_one_copies_the_newest_earlier_expert(tiny_base, tiny_tok):
+    """dedicated_init "previous" (per_task_lora+from_previous: seq_lora's path with each task's adapter kept): a
+    new task's expert is a copy of the newest earlier task's expert, so the new task starts answering as that
+    task does; the first task's expert starts at B = 0 (the base model), and the zero init starts every task
+    there."""
+    ids = tiny_tok(["alpha beta gamma"], return_tensors="pt")["input_ids"]
+    mask = torch.ones_like(ids)
+    generator = torch.Generator().manual_seed(0)
+
+    def train(model, task):  # stands for a trained expert (B != 0)
+        with torch.no_grad():
+            for layer in model.layers:
+                for p in layer.experts[expert_name(task)].parameters():
+                    p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+
+    def logits(model, task):
+        model.eval()
+        with torch.no_grad(), model.routed([task]):
+            return model.lm_logits(ids, mask)
+
+    def bank(dedicated_init):
+        method = paper_method(name="per_task_lora", dedicated_init=dedicated_init)
+        model = MoECLModel(tiny_base.load()[0], Params().lora, method)
+        model.add_task(TaskInfo("t1", ["a", "b"]))
+        first = logits(model, "t1")
+        train(model, "t1")
+        model.add_task(TaskInfo("t2", ["a", "b"]))
+        return model, first
+
+    chained, first = bank("previous")
+    untouched = tiny_base.load()[0].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(first, untouched(input_ids=ids, attention_mask=mask).logits)
+    torch.testing.assert_close(logits(chained, "t2"), logits(chained, "t1"))
+    train(chained, "t2")
+    chained.add_task(TaskInfo("t3", ["a", "b"]))
+    torch.testing.assert_close(logits(chained, "t3"), logits(chained, "t2"))  # the newest, not the first
+    assert not torch.allclose(logits(chained, "t3"), logits(chained, "t1"), atol=1e-4)
+    isolated, _ = bank("zero")
+    torch.testing.assert_close(logits(isolated, "t2"), first)
+    assert not torch.allclose(logits(isolated, "t2"), logits(isolated, "t1"), atol=1e-4)
+
+
 def test_the_evolution_replays_each_earlier_tasks_last_promoted_snapshot(tmp_path, two_tasks):
     """evolve.replay_tasks reads an earlier task's snapshot (its last promoted version), not its current
     folder, which may already hold a newer, unpromoted version; with replay off it reads nothing."""

@@ -137,25 +137,28 @@ class MoECLModel(nn.Module):
         return self.task_ids.index(task_id)
 
     def add_task(self, info: TaskInfo) -> None:
-        """A new task: a fresh dedicated expert (B = 0, so nothing changes yet; or, with method.dedicated_init
+        """A new task: a fresh dedicated expert (B = 0, so nothing changes yet; with method.dedicated_init
         "shared", a copy of the shared expert, so that beta_s FFN_s + beta_t FFN_t starts at FFN_s whatever the
-        gate) and, in classifier mode, a head."""
+        gate; with "previous", a copy of the newest earlier task's expert) and, in classifier mode, a head."""
         if info.task_id in self.task_ids:
             raise MoeclError(f"task {info.task_id!r} is already in the bank")
+        init, earlier = self.method.dedicated_init, self.task_ids[-1:]
         self.tasks.append(info)
         lora = self.lora
         if self.method.uses_dedicated:
-            warm = self.method.dedicated_init == "shared" and self.method.uses_shared
+            source = None
+            if init == "shared" and self.method.uses_shared:
+                source = SHARED
+            elif init == "previous" and earlier:
+                source = expert_name(earlier[0])
             for layer in self.layers:
                 expert = layer.add_expert(
                     expert_name(info.task_id), lora.targets, lora.r, lora.scale, lora.dropout
                 )
-                if (
-                    warm and SHARED in layer.experts
-                ):  # starts as the shared expert: the mixture starts at FFN_s
+                if source is not None and source in layer.experts:
                     with torch.no_grad():
                         for name, p in expert.named_parameters():
-                            p.copy_(layer.experts[SHARED].get_parameter(name))
+                            p.copy_(layer.experts[source].get_parameter(name))
         if self.method.uses_shared and self.method.shared_orthogonal:
             for layer in self.layers:
                 layer.add_expert(
