@@ -40,7 +40,9 @@ KNOBS = {
     "prompt_pool": {"discriminator_span": "prompt"},
     "replay": {"replay_per_task": None},
     "warm": {"dedicated_init": "shared"},
-    "from_previous": {"dedicated_init": "previous"},  # per_task_lora+from_previous: seq_lora's adapters, each kept
+    "from_previous": {
+        "dedicated_init": "previous"
+    },  # per_task_lora+from_previous: seq_lora's adapters, each kept
     "nogan": {"adv_alpha": 0.0},
 }
 LABELS = {"moecl_paper": "moecl (paper)", "moecl": "moecl (best)"}
