@@ -40,9 +40,8 @@ KNOBS = {
     "prompt_pool": {"discriminator_span": "prompt"},
     "replay": {"replay_per_task": None},
     "warm": {"dedicated_init": "shared"},
-    "from_previous": {
-        "dedicated_init": "previous"
-    },  # per_task_lora+from_previous: seq_lora's adapters, each kept
+    # with per_task_lora: each task's LoRA starts as the previous task's, then is frozen (seq_lora's path, kept)
+    "from_previous": {"dedicated_init": "previous"},
     "nogan": {"adv_alpha": 0.0},
 }
 LABELS = {"moecl_paper": "moecl (paper)", "moecl": "moecl (best)"}

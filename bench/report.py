@@ -108,6 +108,7 @@ def paired_comparisons(runs: list[dict], methods: list[str] | None = None, refer
                     "other_only": sum(p.b_only for _, p in pairs),
                     "records": sum(p.records for _, p in pairs),
                     "orders": [o for o, _ in pairs],
+                    "by_run": {o: {"diff": p.diff, "se": p.se} for o, p in pairs},
                 }
                 for other, pairs in sorted(others.items(), key=lambda kv: _rank(kv[0], methods))
             }
@@ -278,6 +279,12 @@ def markdown(result: dict) -> str:
                 row + [c["reference_only"], c["other_only"], c["records"]]
                 for row, c in zip(cells, others.values())
             ]
+            if any(len(c["by_run"]) > 1 for c in others.values()):  # each pair of runs alone: diff (s.e.)
+                header.append("by run")
+                for row, c in zip(cells, others.values()):
+                    row.append(
+                        "; ".join(f"{o} {d['diff']:+.3f} ({d['se']:.3f})" for o, d in c["by_run"].items())
+                    )
             lines += [f"### {mode} mode", ""] + _table(header, cells)
     routed = [r for r in result.get("runs", []) if r.get("routing")]
     if routed:

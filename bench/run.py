@@ -249,7 +249,10 @@ def _main(argv: list[str] | None) -> int:
     result |= {"notes": [], "runs": [], "summary": {}, "paired": {}, "zero_shot": {}, "cost": None}
     result |= {"errors": [], "not_run": [], "finished": False}
 
-    shown = list(methods)  # the rows of the tables, in this order
+    # the preset's own rows (and seeds) join the tables from their stored runs, never run here, so that running
+    # a few rows or seeds still writes the whole table
+    rows = list(preset["ablation" if args.ablation else "methods"])
+    shown = [*rows, *(m for m in methods if m not in rows)]
 
     def save(cost: dict | None = None):
         if cost is not None:
@@ -283,20 +286,21 @@ def _main(argv: list[str] | None) -> int:
                 )
             save()
         if not args.cost_only:
-            if args.seeds:
-                seeds = {m: list(args.seeds) for m in methods}
-            else:
-                seeds = {m: [preset["seed"], *preset["extra_seeds"].get(m, ())] for m in methods}
+            seeds = {m: list(args.seeds) for m in methods} if args.seeds else _preset_seeds(preset, methods)
             plan = plan_runs(methods, modes, list(orders), seeds)
-            # the preset's own rows and seeds join the results from their stored runs (never run here), so that
-            # running a few rows or seeds still writes the whole table
-            rows = list(preset["ablation" if args.ablation else "methods"])
-            seeds = {m: [preset["seed"], *preset["extra_seeds"].get(m, ())] for m in rows}
-            stored_only = [run for run in plan_runs(rows, modes, list(orders), seeds) if run not in plan]
-            shown[:] = [*rows, *(m for m in methods if m not in rows)]
-            plan, stored_only = stored_only + plan, set(stored_only)
+            preset_plan = plan_runs(rows, modes, list(orders), _preset_seeds(preset, rows))
+            stored_only = [run for run in preset_plan if run not in plan]
             _run_accuracy(
-                bench, plan, stored_only, orders, tasks_by_mode, result, save, runs_dir, args, deadline
+                bench,
+                stored_only + plan,
+                set(stored_only),
+                orders,
+                tasks_by_mode,
+                result,
+                save,
+                runs_dir,
+                args,
+                deadline,
             )
     finally:
         if not args.workdir:
@@ -307,6 +311,11 @@ def _main(argv: list[str] | None) -> int:
     for err in result["errors"]:
         print(f"ERROR in {err['what']}: {err['error']}", file=sys.stderr)
     return 1 if result["errors"] else 0
+
+
+def _preset_seeds(preset: dict, methods: list[str]) -> dict[str, list[int]]:
+    """row -> its training seeds: the preset's `seed`, then the row's `extra_seeds`."""
+    return {m: [preset["seed"], *preset["extra_seeds"].get(m, ())] for m in methods}
 
 
 def _relative(path: Path) -> str:

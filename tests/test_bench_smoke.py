@@ -377,6 +377,12 @@ def test_paired_tables_pair_runs_of_the_same_seed_only() -> None:
     table = paired_comparisons(runs)["moecl"]["instruction"]
     assert table["seq_lora"]["records"] == 4 and table["seq_lora"]["diff"]["mean"] == 0.25
     assert table["o_lora"]["records"] == 8 and table["o_lora"]["diff"]["mean"] == (0.5 - 1.0) / 2
+    # each pair of runs keeps its own figure: what a table of the seeds side by side reads
+    assert {o: d["diff"] for o, d in table["o_lora"]["by_run"].items()} == {
+        "order1/s42": 0.5,
+        "order1/s43": -1.0,
+    }
+    assert list(table["seq_lora"]["by_run"]) == ["order1/s42"]
 
 
 def test_an_ablation_pairs_every_knob_with_the_papers_setting(tmp_path) -> None:

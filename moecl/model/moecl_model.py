@@ -142,15 +142,14 @@ class MoECLModel(nn.Module):
         gate; with "previous", a copy of the newest earlier task's expert) and, in classifier mode, a head."""
         if info.task_id in self.task_ids:
             raise MoeclError(f"task {info.task_id!r} is already in the bank")
-        init, earlier = self.method.dedicated_init, self.task_ids[-1:]
+        init, source = self.method.dedicated_init, None  # source: the expert the new one starts as, if any
+        if init == "shared" and self.method.uses_shared:
+            source = SHARED
+        elif init == "previous" and self.tasks:
+            source = expert_name(self.tasks[-1].task_id)
         self.tasks.append(info)
         lora = self.lora
         if self.method.uses_dedicated:
-            source = None
-            if init == "shared" and self.method.uses_shared:
-                source = SHARED
-            elif init == "previous" and earlier:
-                source = expert_name(earlier[0])
             for layer in self.layers:
                 expert = layer.add_expert(
                     expert_name(info.task_id), lora.targets, lora.r, lora.scale, lora.dropout
