@@ -17,13 +17,11 @@ import dataclasses
 import re
 from pathlib import Path
 
+from bench.presets import COMMON
 from moecl.config import PAPER_SETTING, ModelConfig, Params, load_params, params_from_dict
 
-BASES = {  # base -> method params over the library's defaults
-    "seq_lora": {"name": "seq_lora", **PAPER_SETTING},
-    "per_task_lora": {"name": "per_task_lora", **PAPER_SETTING},
-    "o_lora": {"name": "o_lora", **PAPER_SETTING},
-    "moecl_nogan": {"name": "moecl_nogan", **PAPER_SETTING},
+BASES = {b: {"name": b, **PAPER_SETTING} for b in ("seq_lora", "per_task_lora", "o_lora", "moecl_nogan")}
+BASES |= {  # base -> method params over the library's defaults
     "moecl_paper": {"name": "moecl", "paper": True, **PAPER_SETTING},
     "moecl_mem": {"name": "moecl", **PAPER_SETTING, "memory_per_task": 8},
     "moecl": {"name": "moecl"},
@@ -57,10 +55,9 @@ def parse_variant(name: str) -> dict:
         key, _, value = knob.partition("=")
         if key not in KNOBS:
             raise SystemExit(f"unknown knob {key!r} in {name!r}: knobs are {', '.join(KNOBS)}")
-        settings = dict(KNOBS[key], paper=False)  # moecl_paper+knob: the paper plus this knob
+        method |= KNOBS[key] | {"paper": False}  # moecl_paper+knob: the paper plus this knob
         if value:  # a string: params_from_dict coerces it to the field's type
-            settings[next(iter(KNOBS[key]))] = value
-        method.update(settings)
+            method[next(iter(KNOBS[key]))] = value
     return method
 
 
@@ -79,19 +76,10 @@ def file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", lambda m: {"+": ".", "=": "-"}.get(m.group(), "_"), name)
 
 
-def _merge(into: dict, *layers: dict) -> dict:
-    for layer in layers:
-        for section, values in layer.items():
-            into.setdefault(section, {}).update(values)
-    return into
-
-
 def model_config(
     preset: dict, params_file: str | Path = "params.yaml", base_dir: str | None = None
 ) -> ModelConfig:
     """The project's `model:` section (where the backbone comes from) under the preset's model overrides."""
-    from bench.presets import COMMON
-
     cfg = load_params(params_file).model if Path(params_file).is_file() else ModelConfig()
     for key, value in {**COMMON["model"], **preset["params"].get("model", {})}.items():
         setattr(cfg, key, value)
@@ -100,21 +88,19 @@ def model_config(
     return cfg
 
 
-def method_params(
-    preset: dict, method: str, mode: str, model_cfg: ModelConfig | None = None, seed: int | None = None
-) -> Params:
-    """Params of one row (`method`: a variant name) in one mode: the library's defaults, then COMMON, the
-    preset's and the mode's overrides, the variant's method params; `seed`: the training seed (default the
-    preset's; the data sample always uses the preset's)."""
-    from bench.presets import COMMON
-
+def method_params(preset: dict, method: str, mode: str, model_cfg=None, seed: int | None = None) -> Params:
+    """Params of one row in one mode: the library's defaults under COMMON, the preset's, the mode's and the
+    variant's overrides; `seed`: the training seed (default the preset's; the data sample always uses it)."""
     # a mode the preset does not train (the cost figures' classifier mode on the instruction-only cpu preset)
     # takes the preset's and the library's settings
     sections = {k: v for k, v in preset["modes"].get(mode, {}).items() if isinstance(v, dict)}
     variant = parse_variant(method)
     if variant.get("replay_per_task", 0) is None:
         variant["replay_per_task"] = preset["replay_per_task"]
-    raw = _merge({}, COMMON, preset["params"], sections, {"method": variant})
+    raw: dict = {}
+    for layer in (COMMON, preset["params"], sections, {"method": variant}):
+        for section, values in layer.items():
+            raw.setdefault(section, {}).update(values)
     raw["method"]["mode"] = mode
     raw["train"]["seed"] = preset["seed"] if seed is None else seed
     if model_cfg is not None:

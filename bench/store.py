@@ -1,10 +1,8 @@
 """One result file per finished run, so that a benchmark resumes where it stopped.
 
-bench/results/runs/<preset>[-dev]/<row>.<mode>.<order>.s<seed>.json holds one run (the dict bench.runs returns)
-and the key of everything that decides its outcome: the run's Params, the task order, the sampled data's
-content hashes, the backbone's sha256 and STORE_VERSION. A rerun reuses a file whose key matches and runs the
-others; the results files aggregate whatever runs are there. Bump STORE_VERSION when a code change alters what
-a run computes, so that stored runs are not mistaken for current ones.
+bench/results/runs/<preset>[-dev]/<row>.<mode>.<order>.s<seed>.json holds one run (what bench.runs returns) and
+the key of everything that decides its outcome: the run's Params, the task order, the data's content hashes, the
+backbone's sha256 and STORE_VERSION (bump it when a code change alters what a run computes).
 """
 
 from __future__ import annotations
@@ -20,24 +18,17 @@ STORE_VERSION = 2
 
 
 def run_key(
-    params_dict: dict, order: list[str], data_hashes: dict[str, str], base_sha256: str, device: str = "cpu"
+    params: dict, order: list[str], data_hashes: dict[str, str], base_sha256: str, device="cpu"
 ) -> str:
-    fixed = {k: v for k, v in params_dict.items() if k not in ("registry", "flow", "bench", "drift", "gate")}
+    fixed = {k: v for k, v in params.items() if k not in ("registry", "flow", "bench", "drift", "gate")}
     fixed["model"] = {k: v for k, v in (fixed.get("model") or {}).items() if k != "local_dir"}
-    # method knobs at the paper's value are left out, so that a knob added later (at the paper's value by
-    # default) keeps the keys of the runs stored before it
+    # knobs at the paper's value are left out: a knob added later (at that value by default) keeps the old keys
+    method = (fixed.get("method") or {}).items()
     fixed["method"] = {
-        k: v
-        for k, v in (fixed.get("method") or {}).items()
-        if not (k in PAPER_SETTING and v == PAPER_SETTING[k]) and k != "paper"
+        k: v for k, v in method if k != "paper" and not (k in PAPER_SETTING and v == PAPER_SETTING[k])
     }
-    payload = {
-        "version": STORE_VERSION,
-        "params": fixed,
-        "order": list(order),
-        "data": dict(sorted(data_hashes.items())),
-        "base": base_sha256,
-    }
+    payload = {"version": STORE_VERSION, "params": fixed, "order": list(order), "base": base_sha256}
+    payload["data"] = dict(sorted(data_hashes.items()))
     if device != "cpu":  # (cpu runs stored before the device was part of the key keep their key)
         payload["device"] = device
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -49,8 +40,6 @@ def run_path(runs_dir: Path, stem: str, mode: str, order: str, seed: int) -> Pat
 
 def load_run(path: Path, key: str) -> dict | None:
     """The stored run at `path` if its key is `key` (same settings), else None."""
-    if not path.is_file():
-        return None
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):

@@ -1,7 +1,7 @@
 """The benchmark's tasks: the 4-task CL benchmark read in place from ../shared/data/mtl5, or synthetic tasks.
 
-Train is sampled per class with the preset's seed (the training step carves the dev split from it with
-train.dev_fraction); test is a stratified sample of the preset's size. The data is never copied into the project.
+Train is sampled per class with the preset's seed (the training step carves its dev split from it); test is a
+stratified sample of the preset's size. The data is never copied into the project.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from bench.presets import SYNTHETIC_TASKS
 from moecl.data.importers import read_benchmark, stratified_sample
 from moecl.data.task import TaskData
 from moecl.testing import make_task
@@ -44,9 +45,7 @@ def find_mtl5(explicit: str | Path | None = None) -> Path:
 def load_mtl5(
     root: Path, names: list[str], per_class: int, test_per_task: int, seed: int, split: str = "test"
 ):
-    """task -> TaskData with `per_class` training records per class and `test_per_task` test records; with split
-    "dev" the "test" records come from the training file, among those not sampled for training (settings are
-    chosen there, and reported on test)."""
+    """task -> TaskData; with split "dev" the test records are training records not sampled for training."""
     instructions = dict(_FALLBACK_INSTRUCTION)
     if (root / "instruction_config.json").is_file():
         for family, entries in json.loads((root / "instruction_config.json").read_text("utf-8")).items():
@@ -61,10 +60,8 @@ def load_mtl5(
         sampled = stratified_sample(train, labels, per_class, 0, seed, "bench-train")
         if split == "dev":
             taken = {(r.text, r.label) for r in sampled}
-            rest = [r for r in train if (r.text, r.label) not in taken]
-            evaluated = stratified_sample(rest, labels, 0, test_per_task, seed, "bench-dev")
-        else:
-            evaluated = stratified_sample(test, labels, 0, test_per_task, seed, "bench-test")
+            test = [r for r in train if (r.text, r.label) not in taken]
+        evaluated = stratified_sample(test, labels, 0, test_per_task, seed, f"bench-{split}")
         instruction = instructions[TASK_FAMILY.get(name, "TC")]
         tasks[name] = TaskData(name, labels, sampled, evaluated, instruction=instruction, path=folder)
     return tasks
@@ -74,43 +71,28 @@ def synthetic_tasks(labels_by_task: dict, per_class: int, test_per_task: int, se
     """moecl.testing's synthetic tasks; split "dev" scores on other records of the same generator."""
     out = {}
     for task_id, labels in labels_by_task.items():
-        out[task_id] = make_task(
-            task_id, labels, n_train=per_class * len(labels), n_test=test_per_task, seed=seed
-        )
+        out[task_id] = make_task(task_id, labels, per_class * len(labels), test_per_task, seed)
         if split == "dev":
-            out[task_id].test = make_task(
-                task_id, labels, n_train=0, n_test=test_per_task, seed=seed + 7919
-            ).test
+            out[task_id].test = make_task(task_id, labels, 0, test_per_task, seed + 7919).test
     return out
 
 
 def load_tasks(preset: dict, modes: list[str], orders: dict, data: str | None, split: str = "test") -> dict:
     """mode -> task_id -> TaskData (sizes differ by mode)."""
-    from bench.presets import SYNTHETIC_TASKS
-
     names = sorted({t for order in orders.values() for t in order})
     out = {}
     for mode in modes:
-        size = (
-            preset["modes"][mode]["per_class"],
-            preset["modes"][mode]["test_per_task"],
-            preset["seed"],
-            split,
-        )
+        size = (preset["modes"][mode]["per_class"], preset["modes"][mode]["test_per_task"], preset["seed"])
         if preset["data"] == "synthetic":
-            out[mode] = synthetic_tasks({n: SYNTHETIC_TASKS[n] for n in names}, *size)
+            out[mode] = synthetic_tasks({n: SYNTHETIC_TASKS[n] for n in names}, *size, split)
         else:
-            out[mode] = load_mtl5(find_mtl5(data), names, *size)
+            out[mode] = load_mtl5(find_mtl5(data), names, *size, split)
     return out
 
 
 def data_summary(tasks: dict[str, TaskData]) -> dict[str, dict]:
+    sizes = ("labels", "train", "test")
     return {
-        t.task_id: {
-            "labels": len(t.labels),
-            "train": len(t.train),
-            "test": len(t.test),
-            "instruction": t.instruction,
-        }
+        t.task_id: {k: len(getattr(t, k)) for k in sizes} | {"instruction": t.instruction}
         for t in tasks.values()
     }
