@@ -38,13 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add = ap.add_argument
     add("--preset", default="smoke", help="smoke | cpu | cpu-small | cpu-full | gpu (default smoke)")
-    rows = " ".join(METHODS)
-    add(
-        "--methods",
-        nargs="+",
-        help=f"rows to run (default the preset's: {rows}); any variant name, e.g. "
-        "moecl_paper+gate_bias (bench/params.py)",
-    )
+    rows = f"rows to run (default the preset's: {' '.join(METHODS)}); any variant name, e.g. moecl_paper+gate_bias"
+    add("--methods", nargs="+", help=rows + " (bench/params.py)")
     add("--ablation", action="store_true", help="the preset's ablation rows (one knob each)")
     add("--seeds", nargs="+", type=int, help="training seeds (default the preset's, + its extra)")
     dev = "score on the test split, or on a dev split drawn from the training data (choose settings there)"
@@ -88,9 +83,6 @@ def _select(requested: list[str] | None, available, what: str) -> list[str]:
     return [a for a in available if not requested or a in requested]
 
 
-# ---------------------------------------------------------------------------------------------- the backbone
-
-
 class _Pristine:
     """The untouched (model, tokenizer), loaded once; each call returns a fresh deep copy of the model (moecl
     installs its layers in place, and loading the backbone each time would cost seconds, a GGUF much more)."""
@@ -111,30 +103,22 @@ class _Pristine:
         return copy.deepcopy(model), tokenizer
 
     def describe(self) -> dict:
-        model, _ = self.get()
-        config = model.config
+        model = self.get()[0]
+        layers, hidden = (getattr(model.config, k, None) for k in ("num_hidden_layers", "hidden_size"))
         info = {"parameters": sum(p.numel() for p in model.parameters())}
         info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-        info |= {
-            "layers": getattr(config, "num_hidden_layers", None),
-            "hidden_size": getattr(config, "hidden_size", None),
-        }
-        return info | {"load_seconds": round(self.seconds, 2)}
+        return info | {"layers": layers, "hidden_size": hidden, "load_seconds": round(self.seconds, 2)}
 
 
-def backbone(
-    preset: dict, tasks_by_mode: dict, params_file="params.yaml", base_dir=None
-) -> tuple[BaseSpec, object]:
-    """(the base, its moecl ModelConfig): moecl.testing's tiny Llama with a tokenizer trained on the tasks'
-    texts (ModelConfig None), or the project's backbone as params `model:` names it (moecl.model.base)."""
+def backbone(preset: dict, tasks_by_mode: dict, params_file="params.yaml", base_dir=None) -> tuple:
+    """(the base, its moecl ModelConfig): moecl.testing's tiny Llama with a tokenizer trained on the tasks' texts
+    (ModelConfig None), or the project's backbone as params `model:` names it (moecl.model.base)."""
     if preset["backbone"] == "tiny":
         from moecl.testing import tiny_llama, tiny_tokenizer
 
         tasks = [t for by_id in tasks_by_mode.values() for t in by_id.values()]
-        corpus = [r.text for t in tasks for r in t.train] + [
-            f"{t.instruction} {' '.join(t.labels)}" for t in tasks
-        ]
-        tokenizer = tiny_tokenizer(corpus)
+        corpus = [r.text for t in tasks for r in t.train]
+        tokenizer = tiny_tokenizer(corpus + [f"{t.instruction} {' '.join(t.labels)}" for t in tasks])
         model = tiny_llama(len(tokenizer), seed=preset["seed"])
         load = _Pristine(lambda: (model, tokenizer), "cpu")
         return BaseSpec("moecl.testing.tiny_llama", state_dict_fingerprint(model), load), None
@@ -143,9 +127,6 @@ def backbone(
     model_cfg = model_config(preset, params_file, base_dir)
     spec = base_from_params(model_cfg)
     return BaseSpec(spec.name, spec.sha256, _Pristine(spec.load, preset["device"])), model_cfg
-
-
-# ---------------------------------------------------------------------------------------------- the plan
 
 
 def plan_runs(methods, modes, orders, seeds: dict[str, list[int]] | None = None) -> list[tuple]:
@@ -164,9 +145,6 @@ def plan_runs(methods, modes, orders, seeds: dict[str, list[int]] | None = None)
     return plan
 
 
-# ---------------------------------------------------------------------------------------------- main
-
-
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -180,16 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     import torch
 
-    from bench.report import (
-        ABLATION_REFERENCES,
-        REFERENCES,
-        hardware,
-        instrument_check,
-        paired_comparisons,
-        summarise,
-        write_results,
-        zero_shot_table,
-    )
+    from bench import report
     from bench.runs import Bench
     from bench.tasks import DataMissing, data_summary, load_tasks
 
@@ -202,9 +171,13 @@ def _main(argv: list[str] | None) -> int:
         preset["device"] = args.device
         if args.device == "cpu":  # the library trains on the GPU when it sees one: let it see none
             os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    methods = _list(args.methods) or list(preset["ablation" if args.ablation else "methods"])
+    # the preset's own rows (and seeds) join the tables from their stored runs, never run here, so that running
+    # a few rows or seeds still writes the whole table
+    rows = list(preset["ablation" if args.ablation else "methods"])
+    methods = _list(args.methods) or list(rows)
     for method in methods:
         parse_variant(method)  # an unknown row stops here, before anything is loaded
+    shown = [*rows, *(m for m in methods if m not in rows)]
     modes = _select(_list(args.modes), list(preset["modes"]), "modes")
     order_names = _select(_list(args.orders), list(preset["orders"]), "orders")
     orders = {name: preset["orders"][name] for name in order_names}
@@ -213,10 +186,8 @@ def _main(argv: list[str] | None) -> int:
         orders = {name: [t for t in order if t in kept] for name, order in orders.items()}
     resized_run = any([args.tasks, *sizes.values()])
     stem = preset["name"] + ("-dev" if args.split == "dev" else "")
-    default = (
-        f"{stem}-slice" if resized_run or args.cost_only else stem + ("-ablation" if args.ablation else "")
-    )
-    name = args.name or default
+    suffix = "-slice" if resized_run or args.cost_only else "-ablation" if args.ablation else ""
+    name = args.name or stem + suffix
     runs_dir = Path(args.runs_dir or Path(args.out) / "runs" / (name if resized_run else stem))
 
     train = preset["params"].setdefault("train", {})
@@ -242,33 +213,28 @@ def _main(argv: list[str] | None) -> int:
         "selected": selected | {"split": args.split, "runs_dir": _relative(runs_dir)},
         "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv),
         "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": hardware(),
+        "hardware": report.hardware(),
         "backbone": {"name": base.name, "sha256": base.sha256, **base.load.describe()},
         "data": {mode: data_summary(tasks) for mode, tasks in tasks_by_mode.items()},
     }
     result |= {"notes": [], "runs": [], "summary": {}, "paired": {}, "zero_shot": {}, "cost": None}
     result |= {"errors": [], "not_run": [], "finished": False}
-
-    # the preset's own rows (and seeds) join the tables from their stored runs, never run here, so that running
-    # a few rows or seeds still writes the whole table
-    rows = list(preset["ablation" if args.ablation else "methods"])
-    shown = [*rows, *(m for m in methods if m not in rows)]
+    references = report.ABLATION_REFERENCES if args.ablation else report.REFERENCES
 
     def save(cost: dict | None = None):
         if cost is not None:
             result["cost"] = cost
         result["wall_seconds"] = round(time.perf_counter() - started_wall, 1)
-        result["summary"] = summarise(result["runs"], result["data"], shown)
-        references = ABLATION_REFERENCES if args.ablation else REFERENCES
-        result["paired"] = paired_comparisons(result["runs"], shown, references)
-        result["instrument"] = instrument_check(result["runs"])
-        result["zero_shot"] = zero_shot_table(result["runs"])
-        return write_results(Path(args.out), name, result)
+        result["summary"] = report.summarise(result["runs"], result["data"], shown)
+        result["paired"] = report.paired_comparisons(result["runs"], shown, references)
+        result["instrument"] = report.instrument_check(result["runs"])
+        result["zero_shot"] = report.zero_shot_table(result["runs"])
+        return report.write_results(Path(args.out), name, result)
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="moecl-bench-"))
     progress = not args.quiet
     inner_progress = progress and preset["backbone"] != "tiny"  # the tiny model's steps take no time to watch
-    bench = Bench(preset, base, model_cfg, workdir, args.keep_banks, inner_progress)
+    bench = Bench(preset, base, model_cfg, tasks_by_mode, orders, workdir, args.keep_banks, inner_progress)
     deadline = started_wall + 60 * args.budget_minutes if args.budget_minutes is not None else None
     try:
         if not args.no_cost:  # first: minutes at most, and a time budget should not cut it
@@ -281,27 +247,14 @@ def _main(argv: list[str] | None) -> int:
             try:
                 run_costs(base, preset, methods, log=log, checkpoint=save)
             except Exception as exc:  # noqa: BLE001 - a failed micro-benchmark must not stop the accuracy runs
-                result["errors"].append(
-                    {"what": "cost", "error": repr(exc), "traceback": traceback.format_exc()}
-                )
+                result["errors"].append(_error("cost", exc))
             save()
         if not args.cost_only:
             seeds = {m: list(args.seeds) for m in methods} if args.seeds else _preset_seeds(preset, methods)
             plan = plan_runs(methods, modes, list(orders), seeds)
             preset_plan = plan_runs(rows, modes, list(orders), _preset_seeds(preset, rows))
             stored_only = [run for run in preset_plan if run not in plan]
-            _run_accuracy(
-                bench,
-                stored_only + plan,
-                set(stored_only),
-                orders,
-                tasks_by_mode,
-                result,
-                save,
-                runs_dir,
-                args,
-                deadline,
-            )
+            _run_accuracy(bench, stored_only + plan, set(stored_only), result, save, runs_dir, args, deadline)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -325,9 +278,11 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
-def _run_accuracy(
-    bench, plan, stored_only: set, orders, tasks_by_mode, result, save, runs_dir: Path, args, deadline
-) -> None:
+def _error(what: str, exc: Exception) -> dict:
+    return {"what": what, "error": repr(exc), "traceback": traceback.format_exc()}
+
+
+def _run_accuracy(bench, plan, stored_only: set, result, save, runs_dir: Path, args, deadline) -> None:
     """Run (or read back) every run of `plan`; those in `stored_only` are read back where stored, else left out."""
     from tqdm.auto import tqdm
 
@@ -337,11 +292,11 @@ def _run_accuracy(
     preset, base, progress = bench.preset, bench.base, not args.quiet
     bar = tqdm(plan, desc=f"bench {preset['name']}", disable=not progress, file=sys.stderr)
     for mode, order, method, seed in bar:
-        order_name = order or "joint"
-        order_tasks = sorted(tasks_by_mode[mode]) if order is None else orders[order]
-        params = method_params(preset, method, mode, bench.model_cfg, seed)
-        data = {t: tasks_by_mode[mode][t].content_hash() for t in order_tasks}
-        key = run_key(params.to_dict(), order_tasks, data, base.sha256, preset["device"])
+        order_name, tasks = order or "joint", bench.tasks[mode]
+        order_tasks = sorted(tasks) if order is None else bench.orders[order]
+        params = method_params(preset, method, mode, bench.model_cfg, seed).to_dict()
+        data = {t: tasks[t].content_hash() for t in order_tasks}
+        key = run_key(params, order_tasks, data, base.sha256, preset["device"])
         path = run_path(runs_dir, file_stem(method), mode, order_name, seed)
         only_stored = (mode, order, method, seed) in stored_only
         stored = None if args.rerun and not only_stored else load_run(path, key)
@@ -349,41 +304,37 @@ def _run_accuracy(
             continue
         if stored is not None:
             result["runs"].append(stored | {"reused": True})
-            # in instruction mode its b_i serve the runs still to come (the untrained model is the same)
-            if mode == "instruction":
+            if (
+                mode == "instruction"
+            ):  # its b_i serve the runs still to come (the untrained model is the same)
                 for task, value in (stored["metrics"].get("zero_shot") or {}).items():
                     bench.zero_shot.setdefault(task, value)
             save()
             continue
-        bar.set_postfix_str(f"{method} {mode} {order_name} s{seed}")
-        what = {"method": method, "mode": mode, "order": order_name, "seed": seed}
+        what = f"{method} {mode} {order_name} s{seed}"
+        bar.set_postfix_str(what)
         if deadline is not None and time.perf_counter() > deadline:
-            result["not_run"].append(what | {"why": "time budget (--budget-minutes) spent"})
+            why = {"why": "time budget (--budget-minutes) spent"}
+            result["not_run"].append(
+                {"method": method, "mode": mode, "order": order_name, "seed": seed} | why
+            )
             continue
         try:
             if is_joint(method):
-                run = run_joint(bench, method, mode, tasks_by_mode[mode], seed)
+                run = run_joint(bench, method, mode, seed)
             else:
-                run = run_continual(bench, method, mode, order, orders[order], tasks_by_mode[mode], seed)
+                run = run_continual(bench, method, mode, order, seed)
         except Exception as exc:  # noqa: BLE001 - record it, carry on with the other runs
-            what = f"{method} {mode} {order_name} s{seed}"
-            result["errors"].append({"what": what, "error": repr(exc), "traceback": traceback.format_exc()})
+            result["errors"].append(_error(what, exc))
             continue
         finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        context = {
-            "params": params.to_dict(),
-            "data": data,
-            "base": base.sha256,
-            "hardware": result["hardware"],
-        }
+        context = {"params": params, "data": data, "base": base.sha256, "hardware": result["hardware"]}
         save_run(path, key, run, context | {"finished": finished})
         result["runs"].append(run)
         if progress:
             figures = " ".join(f"{k.upper()} {_f(run[k])}" for k in ("acc", "bwt", "fwt"))
-            tqdm.write(
-                f"{method:14s} {mode:11s} {order_name:7s} s{seed} {figures}  {run['seconds']:.0f}s",
-                file=sys.stderr,
-            )
+            line = f"{method:14s} {mode:11s} {order_name:7s} s{seed} {figures}  {run['seconds']:.0f}s"
+            tqdm.write(line, file=sys.stderr)
         save()
     bar.close()
 

@@ -1,14 +1,15 @@
-"""One benchmark run, through the library's own step, training loop and evaluation.
+"""One benchmark run, through the library's own step, training loop and evaluation; each returns what its run
+file stores.
 
 A continual run (row x mode x order) is one `run_step` per task from the previous bank; each new bank is
 evaluated with `evaluate_bank` on only the cells the metrics read: the task just learned (R[i][i]) after each
-step, every task after the last step. The step itself scores the new task just before training (R[i-1][i])
-and on the untrained model (b_i) for FWT. The joint upper bound (`mtl`) fits one shared LoRA on every task's
-rows at once with the library's loop (moecl.train.loop.fit). Each returns the dict a run file stores.
+step, every task after the last step. The step itself scores R[i-1][i] and b_i for FWT. The joint upper bound
+(`mtl`) fits one shared LoRA on every task's rows at once with the library's loop (moecl.train.loop.fit).
 """
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 import time
@@ -18,23 +19,11 @@ from pathlib import Path
 from bench.params import file_stem, method_params
 from moecl.bank import new_model
 from moecl.evaluate import evaluate_bank, evaluate_model
-from moecl.metrics import ContinualMetrics
+from moecl.metrics import ContinualMetrics, json_number
 from moecl.model.moecl_model import TaskInfo
 from moecl.routing import bank_routing
 from moecl.train.loop import fit, task_items
 from moecl.train.step import run_step, seed_everything
-
-
-def _num(value):
-    return None if value is None or value != value else round(float(value), 6)
-
-
-def _run(method, mode, order, tasks, metrics, steps, seconds, correct, seed, routing=None) -> dict:
-    """What a run file stores. `correct`: task -> the final model's per-record correctness
-    (moecl.metrics.correctness); `routing`: task -> the gate's weight on its own expert (moecl rows)."""
-    run = {"method": method, "mode": mode, "order": order, "seed": seed, "tasks": tasks}
-    run |= {k: metrics.get(k) for k in ("acc", "bwt", "fwt")} | {"metrics": metrics, "steps": steps}
-    return run | {"seconds": round(seconds, 2), "correct": correct, "routing": routing or {}}
 
 
 @dataclass
@@ -44,61 +33,52 @@ class Bench:
     preset: dict
     base: object  # moecl.model.base.BaseSpec
     model_cfg: object = None  # the real backbone's moecl ModelConfig (None: the tiny one)
+    tasks: dict = field(default_factory=dict)  # mode -> task id -> TaskData
+    orders: dict = field(default_factory=dict)  # order name -> its task ids
     workdir: Path = Path(".")  # where the runs' banks go
     keep_banks: bool = False
     progress: bool = False
     zero_shot: dict = field(default_factory=dict)  # task -> b_i in instruction mode (see run_continual)
 
 
-def run_continual(
-    bench: Bench, method: str, mode: str, order_name: str, order: list[str], tasks, seed
-) -> dict:
-    """Train the order's tasks one after the other. b_i (`bench.zero_shot`) is shared by the rows in
-    instruction mode, where the untrained model's greedy answers do not depend on the method (in classifier
-    mode b_i goes through the new task's fresh head, which does, so it is scored per run)."""
+def _run(what: dict, metrics: dict, steps: list, seconds: float, correct: dict, routing=None) -> dict:
+    """What a run file stores: `what` (method, mode, order, seed, tasks), the figures, `correct` (task -> the final
+    model's per-record correctness) and `routing` (task -> the gate's weight on its own expert)."""
+    run = what | {k: metrics.get(k) for k in ("acc", "bwt", "fwt")} | {"metrics": metrics, "steps": steps}
+    return run | {"seconds": round(seconds, 2), "correct": correct, "routing": routing or {}}
+
+
+def run_continual(bench: Bench, method: str, mode: str, order_name: str, seed: int) -> dict:
+    """Train the order's tasks one after the other. b_i (`bench.zero_shot`) is shared by the rows in instruction
+    mode, where the untrained model's greedy answers do not depend on the method (in classifier mode b_i goes
+    through the new task's fresh head, which does, so it is scored per run)."""
     params = method_params(bench.preset, method, mode, bench.model_cfg, seed)
-    base, progress, shared_b = bench.base, bench.progress, bench.zero_shot if mode == "instruction" else {}
-    run_dir = bench.workdir / f"{file_stem(method)}-{mode}-{order_name}-s{params.train.seed}"
+    seed = params.train.seed  # the preset's where `seed` is None
+    base, tasks, order = bench.base, bench.tasks[mode], bench.orders[order_name]
+    shared_b = bench.zero_shot if mode == "instruction" else {}
+    run_dir = bench.workdir / f"{file_stem(method)}-{mode}-{order_name}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
-    started = time.perf_counter()
-    parent, evaluation, steps = None, None, []
+    step = functools.partial(run_step, params, base=base, progress=bench.progress)
+    started, parent, evaluation, steps = time.perf_counter(), None, None, []
     for i, task_id in enumerate(order):
         bank, t0 = run_dir / f"{i}-{task_id}", time.perf_counter()
         replay = {t: tasks[t] for t in order[:i]} if params.method.replay_per_task else None
-        result = run_step(
-            params,
-            tasks[task_id],
-            base=base,
-            out_bank=bank,
-            parent_bank=parent,
-            progress=progress,
-            replay_tasks=replay,
-            zero_shot=shared_b.get(task_id),
-        )
+        b_i = shared_b.get(task_id)
+        result = step(tasks[task_id], out_bank=bank, parent_bank=parent, replay_tasks=replay, zero_shot=b_i)
         if result.zero_shot is not None:
             shared_b.setdefault(task_id, result.zero_shot)
         t1 = time.perf_counter()
-        seen = {t: tasks[t] for t in order[: i + 1]}
-        last = i == len(order) - 1
-        evaluation = evaluate_bank(
-            bank, base, seen, params, progress=progress, only=None if last else [task_id]
-        )
-        losses, outcome = result.losses, result.outcome
-        steps.append(
-            {
-                "task": task_id,
-                "step_seconds": round(t1 - t0, 2),
-                "eval_seconds": round(time.perf_counter() - t1, 2),
-                "optimisation_steps": len(outcome.losses),
-                "train_examples": outcome.train_examples,
-                "dev_examples": outcome.dev_examples,
-                "replay_examples": outcome.replay_examples,
-                "best_dev_accuracy": _num(result.best_dev_accuracy),
-                "best_step": outcome.best_step,  # the checkpoint kept, and the dev curve it was chosen on
-                "dev_accuracy": [[step, _num(acc)] for step, acc in outcome.dev_accuracy],
-                "final_losses": {k: _num(v) for k, v in losses._asdict().items()} if losses else None,
-            }
-        )
+        seen, only = {t: tasks[t] for t in order[: i + 1]}, None if i == len(order) - 1 else [task_id]
+        evaluation = evaluate_bank(bank, base, seen, params, progress=bench.progress, only=only)
+        outcome, losses, t2 = result.outcome, result.losses, time.perf_counter()
+        info = {"task": task_id, "step_seconds": round(t1 - t0, 2), "eval_seconds": round(t2 - t1, 2)}
+        info["optimisation_steps"] = len(outcome.losses)
+        info |= {k: getattr(outcome, k) for k in ("train_examples", "dev_examples", "replay_examples")}
+        info |= {"best_dev_accuracy": json_number(result.best_dev_accuracy), "best_step": outcome.best_step}
+        # the checkpoint kept (best_step), and the dev curve it was chosen on
+        info["dev_accuracy"] = [[step, json_number(acc)] for step, acc in outcome.dev_accuracy]
+        info["final_losses"] = {k: json_number(v) for k, v in losses._asdict().items()} if losses else None
+        steps.append(info)
         parent = bank
     seconds = time.perf_counter() - started  # training and evaluation; the routing probe is not timed
     routing = {}
@@ -109,50 +89,43 @@ def run_continual(
             print(f"routing probe failed for {method} {mode} {order_name}: {exc!r}", file=sys.stderr)
     if not bench.keep_banks:
         shutil.rmtree(run_dir, ignore_errors=True)
-    metrics = evaluation.metrics.as_dict()
-    correct, seed = evaluation.correct, params.train.seed
-    return _run(method, mode, order_name, list(order), metrics, steps, seconds, correct, seed, routing)
+    what = {"method": method, "mode": mode, "order": order_name, "seed": seed, "tasks": list(order)}
+    return _run(what, evaluation.metrics.as_dict(), steps, seconds, evaluation.correct, routing)
 
 
 def final_routing(bank: Path, base, tasks: dict, order: list[str], params) -> dict:
-    """Per task of the final bank, the gate's weight beta_t on the task's own expert over its test prompts
-    (moecl.routing): the mean over layers and the lowest and highest layer."""
+    """task -> the final bank's gate weight beta_t on the task's own expert over its test prompts (moecl.routing):
+    the mean over layers and the lowest and highest layer."""
     texts = {t: [r.text for r in tasks[t].test] for t in order}
     return bank_routing(bank, base, texts, params.train.max_length) or {}
 
 
-def run_joint(bench: Bench, method: str, mode: str, tasks, seed) -> dict:
+def run_joint(bench: Bench, method: str, mode: str, seed: int) -> dict:
     """The upper bound on the preset's tasks (task order does not matter: one run per mode and seed). In
     instruction mode each row carries its own task's prompt; in classifier mode it goes through its own head."""
     params = method_params(bench.preset, method, mode, bench.model_cfg, seed)
-    started, progress = time.perf_counter(), bench.progress
+    started, tasks, progress = time.perf_counter(), bench.tasks[mode], bench.progress
     seed_everything(params.train.seed)
     model, tokenizer = new_model(bench.base, params.lora, params.method)
-    items, dev = [], {}
-    for name in sorted(tasks):
+    items, dev, names = [], {}, sorted(tasks)
+    for name in names:
         task = tasks[name]
         model.add_task(TaskInfo(name, list(task.labels), task.instruction, task.positive_label))
         rows, dev[name] = task_items(model, tokenizer, task, params.train)
         items += rows
     trainable = list(model.shared_parameters().values())  # the shared LoRA and every task's head
     trainable += [p for t in model.task_ids for p in model.task_parameters(t).values()]
-    outcome = fit(
-        model, tokenizer, items, dev, params, [{"params": trainable}], progress=progress, desc="train mtl"
-    )
+    groups = [{"params": trainable}]
+    outcome = fit(model, tokenizer, items, dev, params, groups, progress=progress, desc="train mtl")
     t_train = time.perf_counter() - started
     evaluation = evaluate_model(model, tokenizer, tasks, params, progress=progress)
-    names = sorted(tasks)
     zero_shot = dict(bench.zero_shot) if mode == "instruction" else {}  # classifier b_i: per row, not shared
     metrics = ContinualMetrics(order=names, matrix=[evaluation.row], zero_shot=zero_shot).as_dict()
     metrics["bwt"] = metrics["fwt"] = None  # not a continual run: no forgetting or transfer to measure
-    info = {
-        "optimisation_steps": len(outcome.losses),
-        "train_examples": len(items),
-        "best_dev_accuracy": _num(outcome.best_dev_accuracy),
-        "final_loss": _num(outcome.losses[-1].task) if outcome.losses else None,
-        "step_seconds": round(t_train, 2),
-        "eval_seconds": round(time.perf_counter() - started - t_train, 2),
-    }
-    del model
+    info = {"optimisation_steps": len(outcome.losses), "train_examples": len(items)}
+    info["best_dev_accuracy"] = json_number(outcome.best_dev_accuracy)
+    info["final_loss"] = json_number(outcome.losses[-1].task) if outcome.losses else None
     seconds = time.perf_counter() - started
-    return _run(method, mode, "joint", names, metrics, [info], seconds, evaluation.correct, params.train.seed)
+    info |= {"step_seconds": round(t_train, 2), "eval_seconds": round(seconds - t_train, 2)}
+    what = {"method": method, "mode": mode, "order": "joint", "seed": params.train.seed, "tasks": names}
+    return _run(what, metrics, [info], seconds, evaluation.correct)

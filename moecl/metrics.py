@@ -177,19 +177,19 @@ class ContinualMetrics:
     def as_dict(self) -> dict:
         """The shape of metrics/cl.json."""
         return {
-            "acc": _json_number(self.acc),
-            "bwt": _json_number(self.bwt),
-            "fwt": _json_number(self.fwt),
-            "per_task": {t: _json_number(v) for t, v in self.final.items()},
+            "acc": json_number(self.acc),
+            "bwt": json_number(self.bwt),
+            "fwt": json_number(self.fwt),
+            "per_task": {t: json_number(v) for t, v in self.final.items()},
             "order": list(self.order),
             "steps": list(self.steps),
-            "matrix": [[_json_number(row.get(t)) for t in self.order] for row in self.matrix],
-            "before_training": {t: _json_number(v) for t, v in self.before_training.items()},
-            "zero_shot": {t: _json_number(v) for t, v in self.zero_shot.items()},
+            "matrix": [[json_number(row.get(t)) for t in self.order] for row in self.matrix],
+            "before_training": {t: json_number(v) for t, v in self.before_training.items()},
+            "zero_shot": {t: json_number(v) for t, v in self.zero_shot.items()},
         }
 
 
-def _json_number(value: float | None) -> float | None:
+def json_number(value: float | None) -> float | None:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return round(float(value), 6)
