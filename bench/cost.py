@@ -1,12 +1,10 @@
 """What each method costs: training step time, inference latency, peak memory, and growth with the task count.
 
-A step is the library's own `train_step` (forward under `routed`, loss terms, backward, AdamW over exactly what
-a step on the newest task trains, in the groups and with the terms the training loop builds) on fixed random
-batches. Step times come from interleaved rounds (all contenders alive at once, each round one step of each in
-turn; `warmup` untimed rounds, then the median of `repeats`), so a slow spell of a shared machine cannot land on
-one method only; latency (one batched and one batch-1 forward pass) is timed the same way. Peak memory (the
-first steps) is measured with each method alone. moecl_mem's batches carry the discriminator-memory rows a real
-step draws. "mtl" costs what seq_lora costs (one shared LoRA; only the heads differ): it is not timed.
+A step is the library's own `train_step` (forward under `routed`, loss terms, backward, AdamW over exactly what a
+step on the newest task trains) on fixed random batches. Times come from interleaved rounds (every contender
+alive, each round one step, or one batched and one batch-1 forward pass, of each in turn; `warmup` untimed rounds,
+then the median of `repeats`), so a slow spell of a shared machine cannot land on one method only. Peak memory
+(the first steps) is measured with each method alone. "mtl" costs what seq_lora costs: it is not timed.
 """
 
 from __future__ import annotations
@@ -52,32 +50,30 @@ def _sync(device: torch.device) -> None:
 
 
 class Stepper:
-    """One method's model that already knows `n_tasks` synthetic tasks (s0 ... s{n-1}), its newest task's two
-    fixed batches, and its training step on them, timed."""
+    """One method's model that already knows `n_tasks` synthetic tasks (s0 ... s{n-1}), two fixed batches of its
+    newest task, and its training step on them."""
 
     def __init__(self, base, preset: dict, method: str, mode: str, n_tasks: int):
-        cost, params = preset["cost"], method_params(preset, method, mode)
+        params = method_params(preset, method, mode)
         self.model, tokenizer = new_model(base, params.lora, params.method)
         for i in range(n_tasks):
             self.model.add_task(TaskInfo(f"s{i}", [f"label{k}" for k in range(N_LABELS)], "Classify."))
         self.task_id, self.device = f"s{n_tasks - 1}", self.model.layers[0].base.down_proj.weight.device
-        self.batches = fixed_batches(self.model, tokenizer, self.task_id, cost, preset["seed"], params.method)
         method, lr, task_id = params.method, params.train.lr, self.task_id
+        self.batches = fixed_batches(self.model, tokenizer, task_id, preset["cost"], preset["seed"], method)
         groups = optimizer_groups(self.model, task_id, self.model.trainable_parameters(task_id), method, lr)
         self.optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=params.train.weight_decay)
-        # the discriminator-memory rows are in the fixed batches already: the terms draw none
-        self.terms = build_terms(self.model, task_id, method)
-        self.alpha = method.adversarial_weight if self.model.has_discriminator else 0.0
-        self.span, self.steps = method.discriminator_span, 0
+        self.terms = build_terms(self.model, task_id, method)  # (the memory rows are in the fixed batches)
+        alpha = method.adversarial_weight if self.model.has_discriminator else 0.0
+        self.options, self.steps = {"alpha": alpha, "discriminator_span": method.discriminator_span}, 0
 
     def step(self) -> float:
         """Seconds of one forward + backward + AdamW step on the next fixed batch."""
-        batch = self.batches[self.steps % len(self.batches)]
+        batch, model = self.batches[self.steps % len(self.batches)], self.model
         self.steps += 1
         _sync(self.device)
         t0 = time.perf_counter()
-        model, alpha, span = self.model, self.alpha, self.span
-        train_step(model, model, batch, self.terms, self.optimizer, alpha=alpha, discriminator_span=span)
+        train_step(model, model, batch, self.terms, self.optimizer, **self.options)
         _sync(self.device)
         return time.perf_counter() - t0
 
@@ -111,14 +107,13 @@ def fixed_batches(model, tokenizer, task_id: str, cost: dict, seed: int, method,
     def row(task: str, label: int = -1) -> Encoded:
         return Encoded(torch.randint(0, vocab, (seq_len,), generator=g).tolist(), seq_len - 4, label, task)
 
-    # The task rows first, so every method times the same task rows; moecl_mem's memory rows come after.
-    def labelled() -> Encoded:  # the label is drawn before the row's tokens
-        return row(task_id, int(torch.randint(0, N_LABELS, (1,), generator=g)))
-
-    task_rows = [[labelled() for _ in range(batch_size)] for _ in range(count)]
-    sampler = None
-    if method.memory_per_task and model.has_discriminator:
-        others = [t for t in model.task_ids if t != task_id]
+    # the task rows first (the label drawn before the row's tokens), so every method times the same task rows
+    task_rows = [
+        [row(task_id, int(torch.randint(0, N_LABELS, (1,), generator=g))) for _ in range(batch_size)]
+        for _ in range(count)
+    ]
+    sampler, others = None, [t for t in model.task_ids if t != task_id]
+    if method.memory_per_task and model.has_discriminator:  # moecl_mem: the memory rows a real step draws
         memory = {t: [row(t).input_ids for _ in range(method.memory_per_task)] for t in others}
         sampler = MemorySampler(memory, task_id, batch_size, seed)
     device, batches = model.layers[0].base.down_proj.weight.device, []
@@ -128,7 +123,7 @@ def fixed_batches(model, tokenizer, task_id: str, cost: dict, seed: int, method,
     return batches
 
 
-def _median(times: list[float]) -> float:
+def _median(times) -> float:
     return statistics.median(times) if times else float("nan")
 
 
@@ -147,7 +142,8 @@ def measure_memory(base, preset: dict, method: str, mode: str, n_tasks: int) -> 
     """Peak memory of `method`'s first training steps, alone: torch.cuda.max_memory_allocated on CUDA, peak RSS
     (VmHWM, reset through /proc/self/clear_refs) on CPU; `memory_before_mb`: in use before them."""
     alone = {method: Stepper(base, preset, method, mode, n_tasks)}
-    stepper, cuda = alone[method], alone[method].device.type == "cuda"
+    stepper = alone[method]
+    cuda = stepper.device.type == "cuda"
     kind = "cuda_max_memory_allocated" if cuda else "peak_rss"
     if cuda:
         torch.cuda.synchronize(stepper.device)
@@ -175,8 +171,7 @@ def measure_memory(base, preset: dict, method: str, mode: str, n_tasks: int) -> 
 
 
 def _rounds(steppers: dict, cost: dict, measure) -> dict[str, list]:
-    """Round robin: every round measures each contender in turn, so that a slow spell of a shared machine falls on
-    all of them alike; `warmup` untimed rounds, then `repeats` timed ones."""
+    """Round robin: each round measures every contender in turn; `warmup` untimed rounds, then `repeats`."""
     times = {k: [] for k in steppers}
     for i in range(cost["warmup"] + cost["repeats"]):
         for k, stepper in steppers.items():
@@ -187,9 +182,8 @@ def _rounds(steppers: dict, cost: dict, measure) -> dict[str, list]:
 
 
 def interleaved(base, preset: dict, mode: str, rows: list[dict], key: str, *, latency: bool = False) -> None:
-    """Retime `rows` (each a {method, tasks} contender, named by `key`) in interleaved rounds of one training
-    step of each, every model alive; with `latency`, then in rounds of one batched and one batch-1 forward
-    pass of each."""
+    """Time `rows` (each a {method, tasks} contender, named by `key`) in interleaved rounds of one training step
+    of each, every model alive; with `latency`, then in rounds of one batched and one batch-1 forward pass."""
     cost = preset["cost"]
     steppers = {r[key]: Stepper(base, preset, r["method"], mode, r["tasks"]) for r in rows}
     steps = _rounds(steppers, cost, Stepper.step)
@@ -201,7 +195,7 @@ def interleaved(base, preset: dict, mode: str, rows: list[dict], key: str, *, la
     _free(steppers)
     for row in rows:
         timed = steps[row[key]]
-        row["train_step_s"], row["train_step_all_s"] = round(_median(timed), 5), [round(t, 5) for t in timed]
+        row |= {"train_step_s": round(_median(timed), 5), "train_step_all_s": [round(t, 5) for t in timed]}
         row["train_step_timing"] = "interleaved"
         if latency:
             batched, single = zip(*passes[row[key]])
@@ -214,19 +208,10 @@ def _ratio(value, reference):
     return None if value is None or not reference else round(value / reference, 4)
 
 
-def _ratios(rows: list[dict]) -> None:
-    """Each row's step time / seq_lora's and latency / per_task_lora's (None until the reference is measured)."""
-    by = {r["method"]: r for r in rows}
-    seq, per_task = by.get("seq_lora", {}), by.get("per_task_lora", {})
-    for r in rows:
-        r["train_step_vs_seq_lora"] = _ratio(r["train_step_s"], seq.get("train_step_s"))
-        for name, figure in (("latency", "latency_ms_per_sample"), ("latency_b1", "latency_ms_batch1")):
-            r[f"{name}_vs_per_task_lora"] = _ratio(r.get(figure), per_task.get(figure))
-
-
 def run_costs(base, preset: dict, methods: list[str], *, log=print, checkpoint=None) -> dict:
-    """Every cost figure of the preset: per mode, each method's step, latency and memory and the ratios; how the
-    step grows with the task count. `checkpoint(partial)` follows every measurement (an interruption keeps them)."""
+    """Every cost figure of the preset: per mode, each method's step, latency and memory, and their ratios to
+    seq_lora's step and per_task_lora's latency; how the step grows with the task count. `checkpoint(partial)`
+    follows every measurement (an interruption keeps them)."""
     cost = preset["cost"]
     timed = [m for m in methods if m not in ("mtl", "per_task_lora", "seq_lora")]
     timed = ["seq_lora", "per_task_lora", *timed]  # the ratios' references: always measured, and first
@@ -246,7 +231,11 @@ def run_costs(base, preset: dict, methods: list[str], *, log=print, checkpoint=N
             done()
         log(f"cost: {mode}: {cost['repeats']} interleaved rounds of training steps, then of forward passes")
         interleaved(base, preset, mode, rows, "method", latency=True)
-        _ratios(rows)
+        seq, per_task = rows[0], rows[1]
+        for r in rows:
+            r["train_step_vs_seq_lora"] = _ratio(r["train_step_s"], seq.get("train_step_s"))
+            for name, figure in (("latency", "latency_ms_per_sample"), ("latency_b1", "latency_ms_batch1")):
+                r[f"{name}_vs_per_task_lora"] = _ratio(r.get(figure), per_task.get(figure))
         done()
     mode = cost["modes"][0]
     for method in cost["scaling_methods"]:
