@@ -1,7 +1,7 @@
 """The benchmark's output: bench/results/<name>.json (everything) and .md (the tables a reader wants).
 
-The statistics are moecl.metrics' (spread, acc_standard_error, paired_acc_difference); this module pairs the
-runs and lays out the tables.
+The statistics are moecl.metrics' (spread, acc_standard_error, paired_acc_difference); this module pairs the runs
+and lays out the tables.
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ def hardware() -> dict:
     return info
 
 
-def _rank(method: str, methods: list[str] | None = None) -> tuple[int, str]:
+def _by_rank(items: dict, methods: list[str] | None) -> list[tuple]:
+    """`items` (row -> value) in the order of `methods` (default the presets' rows), other rows last by name."""
     order = list(methods or METHODS)
-    return (order.index(method) if method in order else len(order), method)
+    return sorted(items.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
 
 
 def _run_label(run: dict) -> str:
@@ -64,17 +65,14 @@ def summarise(runs: list[dict], data: dict | None = None, methods: list[str] | N
     groups: dict = {}
     for run in runs:
         groups.setdefault(run["mode"], {}).setdefault(run["method"], []).append(run)
-    out = {}
+    out: dict = {}
     for mode, by_method in groups.items():
         sizes = {t: d.get("test") for t, d in ((data or {}).get(mode) or {}).items()}
-        out[mode] = {}
-        for method, group in sorted(by_method.items(), key=lambda kv: _rank(kv[0], methods)):
+        for method, group in _by_rank(by_method, methods):
             row = {k: spread([r[k] for r in group]) for k in ("acc", "bwt", "fwt")}
-            row["acc_se"] = spread([acc_standard_error(r["metrics"].get("per_task"), sizes) for r in group])[
-                "mean"
-            ]
-            row |= {"orders": [r["order"] for r in group], "runs": [_run_label(r) for r in group]}
-            out[mode][method] = row
+            se = [acc_standard_error(r["metrics"].get("per_task"), sizes) for r in group]
+            row |= {"acc_se": spread(se)["mean"], "orders": [r["order"] for r in group]}
+            out.setdefault(mode, {})[method] = row | {"runs": [_run_label(r) for r in group]}
     return out
 
 
@@ -82,9 +80,10 @@ def paired_comparisons(runs: list[dict], methods: list[str] | None = None, refer
     """reference -> mode -> other row -> ACC(reference) - ACC(other), paired record by record.
 
     Each reference run pairs with the other row's run of the same order and seed (the joint `mtl` run with every
-    order; a reference run whose seed the other row lacks is left unpaired): the difference (spread over the pairs), its paired
-    standard error (mean over pairs) and the records only one side got right, summed. References: those of
-    `references` that were run, else the first moecl row there is. Runs without per-record correctness are left out."""
+    order; a reference run whose seed the other row lacks is left unpaired): the difference (spread over the
+    pairs), its paired standard error (mean over pairs) and the records only one side got right, summed.
+    References: those of `references` that were run, else the first moecl row there is. Runs without per-record
+    correctness are left out."""
     marked = [r for r in runs if r.get("correct")]
     present = {r["method"] for r in marked}
     firsts = [m for m in (methods or sorted(present)) if m in present and m.startswith("moecl")][:1]
@@ -100,21 +99,23 @@ def paired_comparisons(runs: list[dict], methods: list[str] | None = None, refer
                     pair = paired_acc_difference(ref["correct"], same_seed[0]["correct"])
                     table.setdefault(ref["mode"], {}).setdefault(other, []).append((_run_label(ref), pair))
         out[reference] = {
-            mode: {
-                other: {
-                    "diff": spread([p.diff for _, p in pairs]),
-                    "se": spread([p.se for _, p in pairs])["mean"],
-                    "reference_only": sum(p.a_only for _, p in pairs),
-                    "other_only": sum(p.b_only for _, p in pairs),
-                    "records": sum(p.records for _, p in pairs),
-                    "orders": [o for o, _ in pairs],
-                    "by_run": {o: {"diff": p.diff, "se": p.se} for o, p in pairs},
-                }
-                for other, pairs in sorted(others.items(), key=lambda kv: _rank(kv[0], methods))
-            }
+            mode: {other: _pooled(pairs) for other, pairs in _by_rank(others, methods)}
             for mode, others in table.items()
         }
     return out
+
+
+def _pooled(pairs: list[tuple]) -> dict:
+    """A paired table's row from the (run label, moecl.metrics.PairedDifference) of each pair of runs."""
+    return {
+        "diff": spread([p.diff for _, p in pairs]),
+        "se": spread([p.se for _, p in pairs])["mean"],
+        "reference_only": sum(p.a_only for _, p in pairs),
+        "other_only": sum(p.b_only for _, p in pairs),
+        "records": sum(p.records for _, p in pairs),
+        "orders": [o for o, _ in pairs],
+        "by_run": {o: {"diff": p.diff, "se": p.se} for o, p in pairs},
+    }
 
 
 def instrument_check(runs: list[dict], upper: str = "mtl", lower: str = "seq_lora") -> dict:
@@ -145,31 +146,27 @@ def zero_shot_table(runs: list[dict]) -> dict:
 
 
 def write_results(out_dir: Path, name: str, result: dict) -> tuple[Path, Path]:
-    """Write <name>.json and <name>.md atomically (the run rewrites them after every finished run)."""
+    """Write <name>.json and <name>.md atomically (the run rewrites them after every finished run), and once
+    finished the figure of each mode."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = (out_dir / f"{name}.json", out_dir / f"{name}.md")
     write_text_atomic(paths[0], json.dumps(result, indent=2, sort_keys=False, default=str))
     write_text_atomic(paths[1], markdown(result))
-    if result.get("finished"):  # the figure once, at the end (drawing costs a fraction of a second)
-        for mode, rows in result.get("summary", {}).items():
-            # where rows differ in how many runs they average (seeds, orders), each label says its count
-            mixed = len({len(s["runs"]) for s in rows.values()}) > 1
-            shown = {
-                label(m) + (f" ({len(s['runs'])})" if mixed else ""): {
-                    "acc": s["acc"]["mean"],
-                    "bwt": s["bwt"]["mean"],
-                    "acc_se": s["acc_se"],
-                }
-                for m, s in rows.items()
+    for mode, rows in result.get("summary", {}).items() if result.get("finished") else ():
+        # where rows differ in how many runs they average (seeds, orders), each label says its count
+        mixed = len({len(s["runs"]) for s in rows.values()}) > 1
+        shown = {
+            label(m) + (f" ({len(s['runs'])})" if mixed else ""): {
+                "acc": s["acc"]["mean"],
+                "bwt": s["bwt"]["mean"],
+                "acc_se": s["acc_se"],
             }
-            title = f"{result['preset']} preset, {mode} mode: mean over each row's runs" + (
-                " (n: how many)" if mixed else ""
-            )
-            draw_method_comparison(shown, out_dir / f"{name}-{mode}.png", title)
+            for m, s in rows.items()
+        }
+        title = f"{result['preset']} preset, {mode} mode: mean over each row's runs"
+        title += " (n: how many)" if mixed else ""
+        draw_method_comparison(shown, out_dir / f"{name}-{mode}.png", title)
     return paths
-
-
-# ---------------------------------------------------------------------------------------------- markdown
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -188,12 +185,10 @@ def _cost_cell(key: str, value) -> str:
     return "–" if value is None else f"{value:{spec}}" + ("x" if spec == ".2f" else "")
 
 
-def _ratio(c: dict) -> str:
-    return _fmt(c["diff"]["mean"] / c["se"], 1) if c["se"] else "–"
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+def _table(header: list[str], rows: list[list], title: str = "") -> list[str]:
+    """A markdown table (under `title`, where given), then a blank line."""
+    lines = [title, ""] if title else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows] + [""]
 
 
@@ -224,21 +219,16 @@ _MATRIX_TEXT = (
 
 
 def markdown(result: dict) -> str:
-    hw, backbone = result["hardware"], result.get("backbone", {})
-    lines = [
-        f"# moecl benchmark: preset `{result['preset']}`",
-        "",
-        result["config"].get("description", ""),
-        "",
-    ]
-    lines += [f"- command: `{result['command']}`", f"- started: {result['started']}"]
+    hw, backbone, runs = result["hardware"], result.get("backbone", {}), result.get("runs", [])
+    sha, gpu = str(backbone.get("sha256"))[:12], f", GPU {hw['gpu']}" if hw.get("gpu") else ""
+    partial = "" if result.get("finished") else " (in progress or interrupted: partial results)"
+    lines = [f"# moecl benchmark: preset `{result['preset']}`", "", result["config"].get("description", "")]
+    lines += ["", f"- command: `{result['command']}`", f"- started: {result['started']}"]
     lines += [
-        f"- wall time: {_fmt(result.get('wall_seconds'), 1)} s"
-        + ("" if result.get("finished") else " (in progress or interrupted: partial results)"),
-        f"- backbone: {backbone.get('name')} ({backbone.get('dtype', '?')}, sha256 {str(backbone.get('sha256'))[:12]})",
-        f"- hardware: {hw.get('cpu')}, {hw.get('torch_threads')} torch threads"
-        + (f", GPU {hw['gpu']}" if hw.get("gpu") else "")
-        + f"; torch {hw.get('torch')}, transformers {hw.get('transformers')}",
+        f"- wall time: {_fmt(result.get('wall_seconds'), 1)} s{partial}",
+        f"- backbone: {backbone.get('name')} ({backbone.get('dtype', '?')}, sha256 {sha})",
+        f"- hardware: {hw.get('cpu')}, {hw.get('torch_threads')} torch threads{gpu}; torch {hw.get('torch')}, "
+        f"transformers {hw.get('transformers')}",
         "",
     ]
     if result.get("not_run"):
@@ -250,19 +240,18 @@ def markdown(result: dict) -> str:
     for mode, rows in result.get("summary", {}).items():
         cells = [
             [label(m), _pm(s["acc"]), _fmt(s.get("acc_se")), _pm(s["bwt"]), _pm(s["fwt"])]
+            + [", ".join(s.get("runs") or s["orders"])]
             for m, s in rows.items()
         ]
-        cells = [row + [", ".join(s.get("runs") or s["orders"])] for row, s in zip(cells, rows.values())]
-        lines += [f"### {mode} mode", ""] + _table(["method", "ACC", "ACC s.e.", "BWT", "FWT", "runs"], cells)
-        lines += _acc_by_run(result["runs"], mode, rows)
+        lines += _table(["method", "ACC", "ACC s.e.", "BWT", "FWT", "runs"], cells, f"### {mode} mode")
+        lines += _acc_by_run(runs, mode, rows)
         if result.get("finished"):
             lines += [f"![ACC and BWT of each row]({result['name']}-{mode}.png)", ""]
     for mode, check in (result.get("instrument") or {}).items():
         ratio = check["ratio"]
+        resolved = ratio and ratio >= 3
         verdict = (
-            "the benchmark resolves"
-            if ratio and ratio >= 3
-            else "under 3: the benchmark cannot be trusted to resolve"
+            "the benchmark resolves" if resolved else "under 3: the benchmark cannot be trusted to resolve"
         )
         lines += [
             f"Instrument ({mode} mode): mtl − seq_lora = {check['diff']:+.3f} at {_fmt(ratio, 1)} paired standard "
@@ -274,10 +263,15 @@ def markdown(result: dict) -> str:
         lines += [f"## {name} against each row, record by record", "", _PAIRED_TEXT.format(name), ""]
         for mode, others in by_mode.items():
             header = ["vs", "diff", "paired s.e.", "diff / s.e.", "ref only", "other only", "records"]
-            cells = [[label(o), _pm(c["diff"]), _fmt(c["se"]), _ratio(c)] for o, c in others.items()]
             cells = [
-                row + [c["reference_only"], c["other_only"], c["records"]]
-                for row, c in zip(cells, others.values())
+                [
+                    label(o),
+                    _pm(c["diff"]),
+                    _fmt(c["se"]),
+                    _fmt(c["diff"]["mean"] / c["se"], 1) if c["se"] else "–",
+                ]
+                + [c[k] for k in ("reference_only", "other_only", "records")]
+                for o, c in others.items()
             ]
             if any(len(c["by_run"]) > 1 for c in others.values()):  # each pair of runs alone: diff (s.e.)
                 header.append("by run")
@@ -285,14 +279,17 @@ def markdown(result: dict) -> str:
                     row.append(
                         "; ".join(f"{o} {d['diff']:+.3f} ({d['se']:.3f})" for o, d in c["by_run"].items())
                     )
-            lines += [f"### {mode} mode", ""] + _table(header, cells)
-    routed = [r for r in result.get("runs", []) if r.get("routing")]
+            lines += _table(header, cells, f"### {mode} mode")
+    routed = [r for r in runs if r.get("routing")]
     if routed:
         lines += ["## The gate: weight on each task's own expert in the final model", "", _GATE_TEXT, ""]
         tasks = list(dict.fromkeys(t for r in routed for t in r["routing"]))
-        cells = [[format_share(r["routing"][t]) if t in r["routing"] else "–" for t in tasks] for r in routed]
-        names = [f"{label(r['method'])} · {r['mode']} · {_run_label(r)}" for r in routed]
-        lines += _table(["run"] + tasks, [[name] + row for name, row in zip(names, cells)])
+        cells = [
+            [f"{label(r['method'])} · {r['mode']} · {_run_label(r)}"]
+            + [format_share(r["routing"][t]) if t in r["routing"] else "–" for t in tasks]
+            for r in routed
+        ]
+        lines += _table(["run"] + tasks, cells)
     if result.get("zero_shot", {}):
         lines += ["## Zero-shot accuracy of the untrained model (b_i)", ""]
     for mode, tasks in result.get("zero_shot", {}).items():
@@ -304,9 +301,9 @@ def markdown(result: dict) -> str:
         shown = ", ".join(f"{t} {_fmt(v)}" for t, v in shown.items())
         note = " (classifier mode: through each run's fresh random head; mean over methods)"
         lines += [f"{mode}: {shown}" + (note if mode == "classifier" else ""), ""]
-    if result.get("runs"):
+    if runs:
         lines += ["## Accuracy matrices", "", _MATRIX_TEXT, ""]
-    for run in result.get("runs", []):
+    for run in runs:
         m, order = run["metrics"], run["metrics"]["order"]
         lines += [
             f"**{label(run['method'])} · {run['mode']} · {_run_label(run)}** — ACC {_fmt(run['acc'])}, "
@@ -319,12 +316,11 @@ def markdown(result: dict) -> str:
         for name, key in (("before", "before_training"), ("b", "zero_shot")):
             rows += [[name] + [m[key].get(t) for t in order]] if m.get(key) else []
         lines += _table(["after"] + order, rows)
-    if result.get("cost"):
-        lines += _cost_markdown(result["cost"])
-    reused = sum(1 for r in result.get("runs", []) if r.get("reused"))
+    lines += _cost_markdown(result["cost"]) if result.get("cost") else []
+    reused = sum(1 for r in runs if r.get("reused"))
     if reused:
         lines += [
-            f"{reused} of {len(result['runs'])} runs were read back from their stored files "
+            f"{reused} of {len(runs)} runs were read back from their stored files "
             f"({result['selected'].get('runs_dir')}), run in earlier invocations with the same settings.",
             "",
         ]
@@ -349,33 +345,32 @@ def _acc_by_run(runs: list[dict], mode: str, rows: dict) -> list[str]:
     return ["ACC of each run:", ""] + _table(["method"] + columns, cells)
 
 
+_COST_TEXT = (
+    "Fixed random batches of {batch_size} x {seq_len} tokens, {tasks} tasks in the model, {threads} torch "
+    "threads. Step time: the median of {repeats} interleaved rounds (every method's model alive, each round one "
+    "step of each in turn) after {warmup}. Latency: the same way, {warmup} then the median of {repeats} "
+    "interleaved rounds. Train step = forward + backward + AdamW on what a step on the newest task trains. "
+    "Latency = one forward pass (classifier: head logits; instruction: the prompt's prefill, LM logits of the "
+    "last position as generation computes them). moecl_mem's batches carry the discriminator-memory rows. mtl "
+    "costs what seq_lora costs."
+)
+
+
 def _cost_markdown(cost: dict) -> list[str]:
     s = cost["settings"]
     warmup = f"{s['warmup']} warm-up round" + ("" if s["warmup"] == 1 else "s")
-    lines = [
-        "## Cost",
-        "",
-        f"Fixed random batches of {s['batch_size']} x {s['seq_len']} tokens, {s['tasks']} tasks in the model, "
-        f"{s['threads']} torch threads. Step time: the median of {s['repeats']} interleaved rounds (every "
-        f"method's model alive, each round one step of each in turn) after {warmup}. Latency: the same "
-        f"way, {warmup} then the median of {s['repeats']} interleaved rounds. Train step = forward + "
-        "backward + AdamW on what a step on the newest task trains. Latency = one forward pass (classifier: "
-        "head logits; instruction: the prompt's prefill, LM logits of the last position as generation "
-        "computes them). moecl_mem's batches carry the discriminator-memory rows. mtl costs what seq_lora "
-        "costs.",
-        "",
-    ]
+    lines = ["## Cost", "", _COST_TEXT.format(**(s | {"warmup": warmup})), ""]
     header = ["method", "step s", "step / seq_lora", "latency ms/sample", "latency / per_task"]
     header += ["latency ms (batch 1)", "batch-1 / per_task", "peak MiB", "MiB before"]
     keys = ["train_step_s", "train_step_vs_seq_lora", "latency_ms_per_sample", "latency_vs_per_task_lora"]
     keys += ["latency_ms_batch1", "latency_b1_vs_per_task_lora", "peak_memory_mb", "memory_before_mb"]
     for mode, rows in cost["modes"].items():
         cells = [[r["method"]] + [_cost_cell(k, r.get(k)) for k in keys] for r in rows]
-        lines += [f"### {mode} mode", ""] + _table(header, cells)
+        lines += _table(header, cells, f"### {mode} mode")
+    keys = ["train_step_s", "vs_first", "peak_memory_mb"]
     for method, block in cost.get("scaling", {}).items():
-        keys = ["train_step_s", "vs_first", "peak_memory_mb"]
         cells = [[p["tasks"]] + [_cost_cell(k, p.get(k)) for k in keys] for p in block["points"]]
-        lines += [f"### Step time against the number of tasks: {method} ({block['mode']} mode)", ""]
-        lines += _table(["tasks", "step s", "vs 1 task", "peak MiB"], cells)
+        title = f"### Step time against the number of tasks: {method} ({block['mode']} mode)"
+        lines += _table(["tasks", "step s", "vs 1 task", "peak MiB"], cells, title)
     kind = next((r["peak_memory_kind"] for rows in cost["modes"].values() for r in rows), "")
     return lines + [f"Peak memory: {kind}; process ru_maxrss {cost.get('ru_maxrss_mb')} MiB.", ""]
