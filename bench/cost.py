@@ -59,6 +59,7 @@ class Stepper:
         for i in range(n_tasks):
             self.model.add_task(TaskInfo(f"s{i}", [f"label{k}" for k in range(N_LABELS)], "Classify."))
         self.task_id, self.device = f"s{n_tasks - 1}", self.model.layers[0].base.down_proj.weight.device
+        self.big = sum(p.numel() for p in self.model.parameters()) > 10_000_000  # (see _free)
         method, lr, task_id = params.method, params.train.lr, self.task_id
         self.batches = fixed_batches(self.model, tokenizer, task_id, preset["cost"], preset["seed"], method)
         groups = optimizer_groups(self.model, task_id, self.model.trainable_parameters(task_id), method, lr)
@@ -127,11 +128,9 @@ def _median(times) -> float:
     return statistics.median(times) if times else float("nan")
 
 
-def _free(steppers: dict) -> None:
+def _free(big: bool) -> None:
     """Give large models' memory back before the next one is built (a full gc costs ~0.2 s: skipped for tiny
     models, which refcounting frees anyway)."""
-    big = any(sum(p.numel() for p in s.model.parameters()) > 10_000_000 for s in steppers.values())
-    steppers.clear()
     if big:
         gc.collect()
         if torch.cuda.is_available():
@@ -141,8 +140,7 @@ def _free(steppers: dict) -> None:
 def measure_memory(base, preset: dict, method: str, mode: str, n_tasks: int) -> dict:
     """Peak memory of `method`'s first training steps, alone: torch.cuda.max_memory_allocated on CUDA, peak RSS
     (VmHWM, reset through /proc/self/clear_refs) on CPU; `memory_before_mb`: in use before them."""
-    alone = {method: Stepper(base, preset, method, mode, n_tasks)}
-    stepper = alone[method]
+    stepper = Stepper(base, preset, method, mode, n_tasks)
     cuda = stepper.device.type == "cuda"
     kind = "cuda_max_memory_allocated" if cuda else "peak_rss"
     if cuda:
@@ -162,9 +160,9 @@ def measure_memory(base, preset: dict, method: str, mode: str, n_tasks: int) -> 
     else:
         peak = _status_mb("VmHWM") if kind == "peak_rss" else ru_maxrss_mb()
     stepper.close()
-    rows = int(stepper.batches[0].input_ids.shape[0])
+    rows, big = int(stepper.batches[0].input_ids.shape[0]), stepper.big
     del stepper
-    _free(alone)
+    _free(big)
     peak, before = (None if v is None else round(v, 1) for v in (peak, before))
     row = {"method": method, "mode": mode, "tasks": n_tasks, "batch_rows": rows}
     return row | {"peak_memory_mb": peak, "memory_before_mb": before, "peak_memory_kind": kind}
@@ -192,7 +190,9 @@ def interleaved(base, preset: dict, mode: str, rows: list[dict], key: str, *, la
     passes = (
         _rounds(steppers, cost, lambda s: (s.forward(cost["batch_size"]), s.forward(1))) if latency else {}
     )
-    _free(steppers)
+    big = any(s.big for s in steppers.values())
+    del steppers
+    _free(big)
     for row in rows:
         timed = steps[row[key]]
         row |= {"train_step_s": round(_median(timed), 5), "train_step_all_s": [round(t, 5) for t in timed]}

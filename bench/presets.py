@@ -13,8 +13,7 @@ import yaml
 
 _FILE = yaml.safe_load((Path(__file__).resolve().parent / "presets.yaml").read_text(encoding="utf-8"))
 COMMON, DEFAULTS, PRESETS = _FILE["common"], _FILE["defaults"], _FILE["presets"]
-METHODS, ABLATION = tuple(DEFAULTS["methods"]), tuple(DEFAULTS["ablation"])
-MTL5_ORDERS, SYNTHETIC_TASKS = _FILE["mtl5_orders"], _FILE["synthetic_tasks"]
+METHODS, SYNTHETIC_TASKS = tuple(DEFAULTS["methods"]), _FILE["synthetic_tasks"]
 
 
 def get_preset(name: str) -> dict:

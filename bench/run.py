@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
 import shlex
 import shutil
@@ -22,6 +23,8 @@ import time
 import traceback
 from datetime import datetime, timezone
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from bench.params import file_stem, is_joint, method_params, model_config, parse_variant
 from bench.presets import METHODS, get_preset, resized
@@ -88,22 +91,22 @@ class _Pristine:
     installs its layers in place, and loading the backbone each time would cost seconds, a GGUF much more)."""
 
     def __init__(self, load, device: str):
-        self.load, self.device, self.loaded, self.seconds = load, device, None, 0.0
+        self.load, self.device, self.seconds = load, device, 0.0
 
-    def get(self):
-        if self.loaded is None:
-            started = time.perf_counter()
-            model, tokenizer = self.load()
-            model.to(self.device).eval().requires_grad_(False)
-            self.loaded, self.seconds = (model, tokenizer), time.perf_counter() - started
-        return self.loaded
+    @functools.cached_property
+    def loaded(self) -> tuple:
+        started = time.perf_counter()
+        model, tokenizer = self.load()
+        model.to(self.device).eval().requires_grad_(False)
+        self.seconds = time.perf_counter() - started
+        return model, tokenizer
 
     def __call__(self):
-        model, tokenizer = self.get()
+        model, tokenizer = self.loaded
         return copy.deepcopy(model), tokenizer
 
     def describe(self) -> dict:
-        model = self.get()[0]
+        model = self.loaded[0]
         layers, hidden = (getattr(model.config, k, None) for k in ("num_hidden_layers", "hidden_size"))
         info = {"parameters": sum(p.numel() for p in model.parameters())}
         info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
@@ -238,8 +241,6 @@ def _main(argv: list[str] | None) -> int:
     deadline = started_wall + 60 * args.budget_minutes if args.budget_minutes is not None else None
     try:
         if not args.no_cost:  # first: minutes at most, and a time budget should not cut it
-            from tqdm.auto import tqdm
-
             from bench.cost import run_costs
 
             log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
@@ -284,8 +285,6 @@ def _error(what: str, exc: Exception) -> dict:
 
 def _run_accuracy(bench, plan, stored_only: set, result, save, runs_dir: Path, args, deadline) -> None:
     """Run (or read back) every run of `plan`; those in `stored_only` are read back where stored, else left out."""
-    from tqdm.auto import tqdm
-
     from bench.runs import run_continual, run_joint
     from bench.store import load_run, run_key, run_path, save_run
 
