@@ -17,7 +17,7 @@ import torch
 from bench.params import label
 from bench.presets import METHODS
 from moecl.io import write_text_atomic
-from moecl.metrics import acc_standard_error, paired_acc_difference, spread
+from moecl.metrics import acc_standard_error, mean_paired_difference, paired_acc_difference, spread
 from moecl.plots import draw_method_comparison
 from moecl.routing import format_share
 
@@ -115,6 +115,7 @@ def _pooled(pairs: list[tuple]) -> dict:
         "records": sum(p.records for _, p in pairs),
         "orders": [o for o, _ in pairs],
         "by_run": {o: {"diff": p.diff, "se": p.se} for o, p in pairs},
+        "over_runs": mean_paired_difference([p for _, p in pairs]),
     }
 
 
@@ -205,7 +206,9 @@ _PAIRED_TEXT = (
     "that says whether two rows differ. `ref only` / `other only`: records (all paired runs) that just one of "
     "the two answered right. |diff| / s.e. above about 2 is a difference the test sample resolves; the s.e. "
     "counts test-sampling noise only, not what another training seed would change (the runs' spread in the "
-    "table above shows that)."
+    "table above shows that). Where a row has several pairs of runs, the last column is their mean difference "
+    "with two standard errors of it: test sampling alone (sqrt(Σ s.e.²) / k) and the pairs' own scatter "
+    "(stdev / sqrt(k)), which also counts training-seed noise (moecl.metrics.mean_paired_difference)."
 )
 _GATE_TEXT = (
     "beta_t of FFN = beta_s FFN_shared + beta_t FFN_t, averaged over the real tokens of each task's test "
@@ -274,11 +277,12 @@ def markdown(result: dict) -> str:
                 for o, c in others.items()
             ]
             if any(len(c["by_run"]) > 1 for c in others.values()):  # each pair of runs alone: diff (s.e.)
-                header.append("by run")
+                header += ["by run", "mean of the runs (s.e. test; s.e. seeds)"]
                 for row, c in zip(cells, others.values()):
                     row.append(
                         "; ".join(f"{o} {d['diff']:+.3f} ({d['se']:.3f})" for o, d in c["by_run"].items())
                     )
+                    row.append(_over_runs(c["over_runs"]))
             lines += _table(header, cells, f"### {mode} mode")
     routed = [r for r in runs if r.get("routing")]
     if routed:
@@ -325,6 +329,12 @@ def markdown(result: dict) -> str:
             "",
         ]
     return "\n".join(lines + ["## Preset", "", "```json", json.dumps(result["config"], indent=1), "```", ""])
+
+
+def _over_runs(m: dict) -> str:
+    if m["n"] < 2:
+        return "–"
+    return f"{m['mean']:+.3f} ({m['se_test']:.3f}; {m['se_seeds']:.3f}; {m['n']} runs)"
 
 
 def _acc_by_run(runs: list[dict], mode: str, rows: dict) -> list[str]:

@@ -96,6 +96,23 @@ def paired_acc_difference(a: Mapping[str, str], b: Mapping[str, str]) -> PairedD
     )
 
 
+def mean_paired_difference(pairs: Sequence[PairedDifference]) -> dict[str, float | int | None]:
+    """The mean of k paired differences, one per pair of runs (training seeds or task orders), with two standard
+    errors of that mean: `se_test` = sqrt(sum se_i^2) / k counts test sampling only (the pairs' test records
+    are sampled independently of each other's training noise); `se_seeds` = stdev(diff_i) / sqrt(k) is read off
+    the pairs' own scatter, so it also counts what another training seed changes (None under two pairs)."""
+    k = len(pairs)
+    if not k:
+        return {"mean": None, "se_test": None, "se_seeds": None, "n": 0}
+    diffs = [p.diff for p in pairs]
+    return {
+        "mean": round(statistics.fmean(diffs), 6),
+        "se_test": round(math.sqrt(sum(p.se**2 for p in pairs)) / k, 6),
+        "se_seeds": round(statistics.stdev(diffs) / math.sqrt(k), 6) if k > 1 else None,
+        "n": k,
+    }
+
+
 def acc_standard_error(per_task: Mapping[str, float | None], test_sizes: Mapping[str, int]) -> float | None:
     """The standard error of ACC that sampling the test records alone implies: each task's accuracy is a
     binomial proportion p_j over n_j records, so SE = sqrt(sum_j p_j (1 - p_j) / n_j) / T. None where a

@@ -154,6 +154,23 @@ def test_paired_difference_rejects_unmatched_samples():
         paired_acc_difference({"x": "10"}, {"x": "101"})
 
 
+def test_mean_paired_difference_over_runs_hand_computed():
+    from moecl.metrics import PairedDifference, mean_paired_difference
+
+    # three pairs of runs: diffs .02, .04, .09 (mean .05), s.e. .03, .04, .00
+    pairs = [PairedDifference(0.02, 0.03, 0, 0, 1), PairedDifference(0.04, 0.04, 0, 0, 1)]
+    pairs.append(PairedDifference(0.09, 0.0, 0, 0, 1))
+    m = mean_paired_difference(pairs)
+    assert m["mean"] == pytest.approx(0.05) and m["n"] == 3
+    # test sampling: independent errors add in quadrature, then the mean divides by k
+    assert m["se_test"] == pytest.approx(math.sqrt(0.03**2 + 0.04**2) / 3, abs=1e-6)
+    # the pairs' scatter: sample sd of (.02, .04, .09) = sqrt(((-.03)^2 + (-.01)^2 + .04^2) / 2), over sqrt(3)
+    assert m["se_seeds"] == pytest.approx(math.sqrt((0.0009 + 0.0001 + 0.0016) / 2) / math.sqrt(3), abs=1e-6)
+    one = mean_paired_difference(pairs[:1])
+    assert (one["mean"], one["se_test"], one["se_seeds"]) == (0.02, 0.03, None)
+    assert mean_paired_difference([])["mean"] is None
+
+
 def test_acc_standard_error_is_the_binomial_one():
     from moecl.metrics import acc_standard_error
 
