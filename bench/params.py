@@ -4,7 +4,8 @@ A variant name is a base, optionally followed by knobs: `moecl_paper+gate_bias+t
 `moecl_paper+shared_lr=0.1`. Bases:
   seq_lora, per_task_lora, o_lora, moecl_nogan  the library's baselines, at the paper's setting
   moecl_paper                                   MoE-CL exactly as published (method.paper: true)
-  moecl                                         MoE-CL with the library's defaults (params.yaml: the best measured)
+  moecl                                         MoE-CL with the library's defaults but no replay (`moecl+replay`: the
+                                                defaults, params.yaml: the best measured)
   moecl_mem                                     moecl_paper with the discriminator memory
   mtl                                           the joint multi-task upper bound (bench/runs.py)
 A knob sets method params (its value from KNOBS, or `knob=value` for the first of them); knobs apply to any
@@ -24,7 +25,10 @@ BASES = {b: {"name": b, **PAPER_SETTING} for b in ("seq_lora", "per_task_lora", 
 BASES |= {  # base -> method params over the library's defaults
     "moecl_paper": {"name": "moecl", "paper": True, **PAPER_SETTING},
     "moecl_mem": {"name": "moecl", **PAPER_SETTING, "memory_per_task": 8},
-    "moecl": {"name": "moecl"},
+    "moecl": {
+        "name": "moecl",
+        "replay_per_task": 0,
+    },  # the defaults without replay; `moecl+replay`: the defaults
     "mtl": {"name": "seq_lora", **PAPER_SETTING},  # one shared LoRA trained on every task at once
 }
 # knob -> the method params it sets (the first takes `knob=value`). Values chosen on the dev split
@@ -42,7 +46,8 @@ KNOBS = {
     "from_previous": {"dedicated_init": "previous"},
     "nogan": {"adv_alpha": 0.0},
 }
-LABELS = {"moecl_paper": "moecl (paper)", "moecl": "moecl (best)"}
+# how the tables name a row (a whole name first, then its base)
+LABELS = {"moecl_paper": "moecl (paper)", "moecl": "moecl (no replay)", "moecl+replay": "moecl (best)"}
 
 
 def parse_variant(name: str) -> dict:
@@ -66,7 +71,9 @@ def is_joint(name: str) -> bool:
 
 
 def label(name: str) -> str:
-    """How the tables name a row: `moecl (paper)`, `moecl (best)+replay`, `seq_lora`..."""
+    """How the tables name a row: `moecl (paper)`, `moecl (best)`, `moecl (no replay)+shared_lr`, `seq_lora`..."""
+    if name in LABELS:
+        return LABELS[name]
     base, plus, rest = name.partition("+")
     return LABELS.get(base, base) + plus + rest
 

@@ -84,7 +84,7 @@ class MethodConfig:
     )
     shared_orth_lambda: float = 0.5  # weight of that orthogonality loss
     discriminator_span: str = "all"  # tokens the discriminator pools: all | prompt (not the answer)
-    replay_per_task: int = 0  # training records per earlier task replayed through the task loss
+    replay_per_task: int = 16  # training records per earlier task replayed through the task loss (0: none)
     # a new task's expert: zero (B = 0) | shared (a copy of the shared expert) | previous (a copy of the newest
     # earlier task's expert: per_task_lora so becomes seq_lora's path with each task's adapter kept frozen)
     dedicated_init: str = "shared"

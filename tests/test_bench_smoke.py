@@ -100,8 +100,8 @@ def test_runs_keep_per_record_correctness_and_pair_with_moecl(smoke) -> None:
                 result["data"][mode][t]["test"] for t in runs[(mode, "moecl", "order1")]["correct"]
             )
     text = (out / "smoke.md").read_text()
+    assert "## moecl (no replay) against each row, record by record" in text
     assert "## moecl (best) against each row, record by record" in text
-    assert "## moecl (best)+replay against each row, record by record" in text
     for mode in ("classifier", "instruction"):  # the figure of every mode, linked from the tables
         assert (out / f"smoke-{mode}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"![ACC and BWT of each row](smoke-{mode}.png)" in text
@@ -351,6 +351,15 @@ def test_presets_build_valid_params_for_every_row() -> None:
         2,
         16,
     )
+    # the cpu preset's `moecl+replay` row is the library's defaults exactly; `moecl` is them without replay
+    import dataclasses
+
+    from moecl.config import MethodConfig
+
+    best = method_params(get_preset("cpu"), "moecl+replay", "instruction").method
+    assert best == dataclasses.replace(MethodConfig(), mode="instruction")
+    plain = method_params(get_preset("cpu"), "moecl", "instruction").method
+    assert plain == dataclasses.replace(best, replay_per_task=0)
     knob = method_params(get_preset("smoke"), "moecl_paper+shared_lr=0.1", "classifier").method
     assert knob.shared_lr_scale == 0.1 and not knob.paper and knob.gate_bias == 0.0  # the paper plus one knob
 

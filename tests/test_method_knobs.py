@@ -472,6 +472,7 @@ def test_the_evolution_replays_each_earlier_tasks_last_promoted_snapshot(tmp_pat
     write_task(snap.parent, "topics", topics.labels, topics.train, topics.test)
     newer = [dataclasses.replace(r, text="newer " + r.text) for r in topics.train]
     write_task(params.data.root, "topics", topics.labels, newer, topics.test)
+    params.method.replay_per_task = 0
     assert replay_tasks(params, ["topics"], exclude="sentiment") is None  # replay off: nothing read
     params.method.replay_per_task = 4
     replayed = replay_tasks(params, ["topics", "sentiment"], exclude="sentiment")
