@@ -25,10 +25,8 @@ BASES = {b: {"name": b, **PAPER_SETTING} for b in ("seq_lora", "per_task_lora", 
 BASES |= {  # base -> method params over the library's defaults
     "moecl_paper": {"name": "moecl", "paper": True, **PAPER_SETTING},
     "moecl_mem": {"name": "moecl", **PAPER_SETTING, "memory_per_task": 8},
-    "moecl": {
-        "name": "moecl",
-        "replay_per_task": 0,
-    },  # the defaults without replay; `moecl+replay`: the defaults
+    # the defaults without replay (their stored runs keep their keys); `moecl+replay`: the defaults
+    "moecl": {"name": "moecl", "replay_per_task": 0},
     "mtl": {"name": "seq_lora", **PAPER_SETTING},  # one shared LoRA trained on every task at once
 }
 # knob -> the method params it sets (the first takes `knob=value`). Values chosen on the dev split

@@ -101,14 +101,13 @@ def mean_paired_difference(pairs: Sequence[PairedDifference]) -> dict[str, float
     errors of that mean: `se_test` = sqrt(sum se_i^2) / k counts test sampling only (the pairs' test records
     are sampled independently of each other's training noise); `se_seeds` = stdev(diff_i) / sqrt(k) is read off
     the pairs' own scatter, so it also counts what another training seed changes (None under two pairs)."""
-    k = len(pairs)
+    k, diffs = len(pairs), spread([p.diff for p in pairs])
     if not k:
         return {"mean": None, "se_test": None, "se_seeds": None, "n": 0}
-    diffs = [p.diff for p in pairs]
     return {
-        "mean": round(statistics.fmean(diffs), 6),
+        "mean": diffs["mean"],
         "se_test": round(math.sqrt(sum(p.se**2 for p in pairs)) / k, 6),
-        "se_seeds": round(statistics.stdev(diffs) / math.sqrt(k), 6) if k > 1 else None,
+        "se_seeds": round(diffs["std"] / math.sqrt(k), 6) if k > 1 else None,
         "n": k,
     }
 
