@@ -114,6 +114,12 @@ def fixed_batches(model, tokenizer, task_id: str, cost: dict, seed: int, method,
         for _ in range(count)
     ]
     sampler, others = None, [t for t in model.task_ids if t != task_id]
+    if method.replay_per_task and others:  # +replay: the second half of each batch is earlier tasks' rows,
+        for items in task_rows:  # as in the cpu preset's last task (48 replayed rows beside its own 58)
+            for k in range(batch_size // 2, batch_size):
+                items[k] = Encoded(
+                    items[k].input_ids, seq_len - 4, items[k].label_index, others[k % len(others)]
+                )
     if method.memory_per_task and model.has_discriminator:  # moecl_mem: the memory rows a real step draws
         memory = {t: [row(t).input_ids for _ in range(method.memory_per_task)] for t in others}
         sampler = MemorySampler(memory, task_id, batch_size, seed)

@@ -361,8 +361,9 @@ _COST_TEXT = (
     "step of each in turn) after {warmup}. Latency: the same way, {warmup} then the median of {repeats} "
     "interleaved rounds. Train step = forward + backward + AdamW on what a step on the newest task trains. "
     "Latency = one forward pass (classifier: head logits; instruction: the prompt's prefill, LM logits of the "
-    "last position as generation computes them). moecl_mem's batches carry the discriminator-memory rows. mtl "
-    "costs what seq_lora costs."
+    "last position as generation computes them). moecl_mem's batches carry the discriminator-memory rows, "
+    "and a +replay row's batches hold earlier tasks' rows in their second half (its last task's share in the cpu "
+    "preset). mtl costs what seq_lora costs."
 )
 
 

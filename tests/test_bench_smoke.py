@@ -155,6 +155,21 @@ def test_cost_figures(smoke) -> None:
     assert scaling[0]["vs_first"] == 1.0 and all(p["train_step_timing"] == "interleaved" for p in scaling)
 
 
+def test_cost_batches_of_a_replaying_method_carry_earlier_tasks_rows(tiny_base) -> None:
+    """A +replay step trains on rows of earlier tasks too (routed to their own experts): its timed batches must
+    hold them, or the cost table would time the cheap single-task step."""
+    from bench.cost import Stepper
+    from bench.presets import get_preset
+
+    preset = get_preset("smoke")
+    tasks = {
+        method: [set(batch.tasks) for batch in Stepper(tiny_base, preset, method, "classifier", 3).batches]
+        for method in ("moecl", "moecl+replay", "seq_lora+replay")
+    }
+    assert all(t == {"s2"} for t in tasks["moecl"])
+    assert all(t == {"s0", "s1", "s2"} for t in tasks["moecl+replay"] + tasks["seq_lora+replay"])
+
+
 def test_run_record_and_markdown(smoke) -> None:
     result, out = smoke
     assert result["command"].startswith("python -m bench.run")
