@@ -194,13 +194,17 @@ class MoEFeedForward(nn.Module):
             beta = torch.softmax(self._gate_logits(u, routing.branches[1]), dim=-1).to(u.dtype)
             beta_s, beta_t = beta[..., 0:1], beta[..., 1:2]
             h_s, h_t = hiddens
-            out = base.down_proj(torch.addcmul(beta_s * h_s, beta_t, h_t))  # fused: fewer full-width passes
             d_s = self._delta("down_proj", lora_hiddens[0], routing.branches[0])
             d_t = self._delta("down_proj", lora_hiddens[1], routing.branches[1])
-            if d_s is not None:
-                out = torch.addcmul(out, beta_s, d_s.to(out.dtype))
-            if d_t is not None:
-                out = torch.addcmul(out, beta_t, d_t.to(out.dtype))
+            if torch.is_grad_enabled():  # fused: fewer full-width passes
+                out = base.down_proj(torch.addcmul(beta_s * h_s, beta_t, h_t))
+                for beta_e, d_e in ((beta_s, d_s), (beta_t, d_t)):
+                    out = out if d_e is None else torch.addcmul(out, beta_e, d_e.to(out.dtype))
+            else:  # inference: the same operations in place, in buffers of ours (h_s, h_t: `_swiglu`'s own;
+                # the down deltas already read them), so no full-width tensor is allocated for the mixing
+                out = base.down_proj(h_s.mul_(beta_s).addcmul_(beta_t, h_t))
+                for beta_e, d_e in ((beta_s, d_s), (beta_t, d_t)):
+                    out = out if d_e is None else out.addcmul_(beta_e, d_e.to(out.dtype))
         else:
             out = self._add(
                 base.down_proj(hiddens[0]), self._delta("down_proj", lora_hiddens[0], routing.branches[0])
