@@ -69,11 +69,11 @@ def is_joint(name: str) -> bool:
 
 
 def label(name: str) -> str:
-    """How the tables name a row: `moecl (paper)`, `moecl (best)`, `moecl (no replay)+shared_lr`, `seq_lora`..."""
-    if name in LABELS:
-        return LABELS[name]
-    base, plus, rest = name.partition("+")
-    return LABELS.get(base, base) + plus + rest
+    """How the tables name a row: `moecl (paper)`, `moecl (best)`, `moecl (best)+memory` (moecl+replay+memory),
+    `moecl (no replay)+shared_lr`, `seq_lora`...: the longest labelled head of the name, then the rest."""
+    heads = [k for k in LABELS if name == k or name.startswith(k + "+")]
+    head = max(heads, key=len, default="")
+    return LABELS[head] + name[len(head) :] if head else name
 
 
 def file_stem(name: str) -> str:

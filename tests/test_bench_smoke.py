@@ -155,6 +155,16 @@ def test_cost_figures(smoke) -> None:
     assert scaling[0]["vs_first"] == 1.0 and all(p["train_step_timing"] == "interleaved" for p in scaling)
 
 
+def test_row_labels_name_the_longest_labelled_head() -> None:
+    from bench.params import label
+
+    assert label("moecl+replay") == "moecl (best)"
+    assert label("moecl+replay+memory") == "moecl (best)+memory"  # not "moecl (no replay)+replay+memory"
+    assert label("moecl+shared_lr") == "moecl (no replay)+shared_lr"
+    assert label("moecl_paper+orth") == "moecl (paper)+orth"
+    assert label("seq_lora+replay") == "seq_lora+replay" and label("moecl_mem") == "moecl_mem"
+
+
 def test_cost_batches_of_a_replaying_method_carry_earlier_tasks_rows(tiny_base) -> None:
     """A +replay step trains on rows of earlier tasks too (routed to their own experts): its timed batches must
     hold them, or the cost table would time the cheap single-task step."""
