@@ -43,6 +43,7 @@ KNOBS = {
     # with per_task_lora: each task's LoRA starts as the previous task's, then is frozen (seq_lora's path, kept)
     "from_previous": {"dedicated_init": "previous"},
     "nogan": {"adv_alpha": 0.0},
+    "adv": {"adv_alpha": 1.0},  # the reference code's adversarial weight (the paper's: 0.1, the defaults')
 }
 # how the tables name a row (a whole name first, then its base)
 LABELS = {"moecl_paper": "moecl (paper)", "moecl": "moecl (no replay)", "moecl+replay": "moecl (best)"}
