@@ -6,10 +6,10 @@ and lays out the tables.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import platform
-import statistics
 from pathlib import Path
 
 import torch
@@ -28,19 +28,19 @@ ABLATION_REFERENCES = ("moecl_paper", "moecl")
 
 
 def hardware() -> dict:
-    info = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    """The machine and the library versions that a run's figures depend on."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    models = [x.split(":", 1)[1].strip() for x in cpuinfo if x.startswith("model name")]
+    info = {
+        "cpu": models[0] if models else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+    }
     info |= {"torch_threads": torch.get_num_threads(), "python": platform.python_version()}
     info |= {"platform": platform.platform(), "torch": torch.__version__}
-    try:
-        models = [x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("model name")]
-        info["cpu"] = models[0].split(":", 1)[1].strip() if models else info["cpu"]
-        info["cpu_affinity"] = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        pass
     for package in ("transformers", "peft", "tokenizers"):
         try:
-            info[package] = __import__(package).__version__
-        except ImportError:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
             info[package] = None
     if torch.cuda.is_available():
         info |= {"cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0)}
@@ -134,18 +134,6 @@ def instrument_check(runs: list[dict], upper: str = "mtl", lower: str = "seq_lor
     return out
 
 
-def zero_shot_table(runs: list[dict]) -> dict:
-    """mode -> task -> b_i (instruction mode: one value for all rows; classifier mode: per row)."""
-    out: dict = {}
-    for run in runs:
-        for task, value in (run["metrics"].get("zero_shot") or {}).items():
-            out.setdefault(run["mode"], {}).setdefault(task, {})[run["method"]] = value
-    return {
-        mode: {task: v if len(set(v.values())) > 1 else next(iter(v.values())) for task, v in tasks.items()}
-        for mode, tasks in out.items()
-    }
-
-
 def write_results(out_dir: Path, name: str, result: dict) -> tuple[Path, Path]:
     """Write <name>.json and <name>.md atomically (the run rewrites them after every finished run), and once
     finished the figure of each mode."""
@@ -193,32 +181,8 @@ def _table(header: list[str], rows: list[list], title: str = "") -> list[str]:
     return lines + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows] + [""]
 
 
-_ACC_TEXT = (
-    "Mean ± sample std over the runs of each row (task orders and training seeds, listed in `runs`). `mtl` is "
-    "the joint multi-task upper bound (not continual). `ACC s.e.`: the standard error of ACC that the finite "
-    "test sample alone implies (binomial, sqrt(Σ p(1−p)/n) / T); the paired table below is the one that tells "
-    "two rows apart."
-)
-_PAIRED_TEXT = (
-    "ACC({0}) − ACC(row) on the same test records, with the standard error of that paired difference (per task "
-    "var(d)/n of the per-record differences d ∈ {{−1, 0, 1}}; sqrt of the sum over tasks / T; mean over the "
-    "paired runs, same order and seed). Records both get right or both get wrong cancel, so this is the figure "
-    "that says whether two rows differ. `ref only` / `other only`: records (all paired runs) that just one of "
-    "the two answered right. |diff| / s.e. above about 2 is a difference the test sample resolves; the s.e. "
-    "counts test-sampling noise only, not what another training seed would change (the runs' spread in the "
-    "table above shows that). Where a row has several pairs of runs, the last column is their mean difference "
-    "with two standard errors of it: test sampling alone (sqrt(Σ s.e.²) / k) and the pairs' own scatter "
-    "(stdev / sqrt(k)), which also counts training-seed noise (moecl.metrics.mean_paired_difference)."
-)
-_GATE_TEXT = (
-    "beta_t of FFN = beta_s FFN_shared + beta_t FFN_t, averaged over the real tokens of each task's test "
-    "prompts: the mean over layers [lowest, highest layer]. A task's frozen expert protects it only as far as "
-    "the gate routes to it; 0.5 is the untrained gate."
-)
-_MATRIX_TEXT = (
-    "R[i][j] = accuracy on task j after training the i-th task; only the cells the metrics read are evaluated "
-    "(the diagonal, the final row), `–` elsewhere. `before` = R[i-1][i], `b` = zero-shot."
-)
+# What each table means is in bench/README.md ("Reading the results"); each section links its paragraph.
+_HOW = "[How to read it](../README.md#{}) (bench/README.md)"
 
 
 def markdown(result: dict) -> str:
@@ -239,7 +203,12 @@ def markdown(result: dict) -> str:
         lines += [f"> Not run ({result['not_run'][0]['why']}): {skipped}", ""]
     lines += [f"> {note}" for note in result.get("notes", [])] + ([""] if result.get("notes") else [])
     if result.get("summary"):
-        lines += ["## Accuracy (ACC), backward transfer (BWT), forward transfer (FWT)", "", _ACC_TEXT, ""]
+        lines += [
+            "## Accuracy (ACC), backward transfer (BWT), forward transfer (FWT)",
+            "",
+            _HOW.format("accuracy"),
+            "",
+        ]
     for mode, rows in result.get("summary", {}).items():
         cells = [
             [label(m), _pm(s["acc"]), _fmt(s.get("acc_se")), _pm(s["bwt"]), _pm(s["fwt"])]
@@ -263,7 +232,7 @@ def markdown(result: dict) -> str:
         ]
     for reference, by_mode in (result.get("paired") or {}).items():
         name = label(reference)
-        lines += [f"## {name} against each row, record by record", "", _PAIRED_TEXT.format(name), ""]
+        lines += [f"## {name} against each row, record by record", "", _HOW.format("paired"), ""]
         for mode, others in by_mode.items():
             header = ["vs", "diff", "paired s.e.", "diff / s.e.", "ref only", "other only", "records"]
             cells = [
@@ -286,7 +255,12 @@ def markdown(result: dict) -> str:
             lines += _table(header, cells, f"### {mode} mode")
     routed = [r for r in runs if r.get("routing")]
     if routed:
-        lines += ["## The gate: weight on each task's own expert in the final model", "", _GATE_TEXT, ""]
+        lines += [
+            "## The gate: weight on each task's own expert in the final model",
+            "",
+            _HOW.format("gate"),
+            "",
+        ]
         tasks = list(dict.fromkeys(t for r in routed for t in r["routing"]))
         cells = [
             [f"{label(r['method'])} · {r['mode']} · {_run_label(r)}"]
@@ -294,19 +268,8 @@ def markdown(result: dict) -> str:
             for r in routed
         ]
         lines += _table(["run"] + tasks, cells)
-    if result.get("zero_shot", {}):
-        lines += ["## Zero-shot accuracy of the untrained model (b_i)", ""]
-    for mode, tasks in result.get("zero_shot", {}).items():
-        # classifier mode: one b_i per row, shown as their mean
-        shown = {
-            t: statistics.fmean(x for x in v.values() if x is not None) if isinstance(v, dict) else v
-            for t, v in tasks.items()
-        }
-        shown = ", ".join(f"{t} {_fmt(v)}" for t, v in shown.items())
-        note = " (classifier mode: through each run's fresh random head; mean over methods)"
-        lines += [f"{mode}: {shown}" + (note if mode == "classifier" else ""), ""]
     if runs:
-        lines += ["## Accuracy matrices", "", _MATRIX_TEXT, ""]
+        lines += ["## Accuracy matrices", "", _HOW.format("matrices"), ""]
     for run in runs:
         m, order = run["metrics"], run["metrics"]["order"]
         lines += [
@@ -355,22 +318,11 @@ def _acc_by_run(runs: list[dict], mode: str, rows: dict) -> list[str]:
     return ["ACC of each run:", ""] + _table(["method"] + columns, cells)
 
 
-_COST_TEXT = (
-    "Fixed random batches of {batch_size} x {seq_len} tokens, {tasks} tasks in the model, {threads} torch "
-    "threads. Step time: the median of {repeats} interleaved rounds (every method's model alive, each round one "
-    "step of each in turn) after {warmup}. Latency: the same way, {warmup} then the median of {repeats} "
-    "interleaved rounds. Train step = forward + backward + AdamW on what a step on the newest task trains. "
-    "Latency = one forward pass (classifier: head logits; instruction: the prompt's prefill, LM logits of the "
-    "last position as generation computes them). moecl_mem's batches carry the discriminator-memory rows, "
-    "and a +replay row's batches hold earlier tasks' rows in their second half (its last task's share in the cpu "
-    "preset). mtl costs what seq_lora costs."
-)
-
-
 def _cost_markdown(cost: dict) -> list[str]:
     s = cost["settings"]
-    warmup = f"{s['warmup']} warm-up round" + ("" if s["warmup"] == 1 else "s")
-    lines = ["## Cost", "", _COST_TEXT.format(**(s | {"warmup": warmup})), ""]
+    sizes = f"Batches of {s['batch_size']} x {s['seq_len']} tokens, {s['tasks']} tasks in the model, {s['threads']} "
+    sizes += f"threads; median of {s['repeats']} interleaved rounds after {s['warmup']} warm-up. "
+    lines = ["## Cost", "", sizes + _HOW.format("cost"), ""]
     header = ["method", "step s", "step / seq_lora", "latency ms/sample", "latency / per_task"]
     header += ["latency ms (batch 1)", "batch-1 / per_task", "peak MiB", "MiB before"]
     keys = ["train_step_s", "train_step_vs_seq_lora", "latency_ms_per_sample", "latency_vs_per_task_lora"]

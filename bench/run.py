@@ -220,7 +220,7 @@ def _main(argv: list[str] | None) -> int:
         "backbone": {"name": base.name, "sha256": base.sha256, **base.load.describe()},
         "data": {mode: data_summary(tasks) for mode, tasks in tasks_by_mode.items()},
     }
-    result |= {"notes": [], "runs": [], "summary": {}, "paired": {}, "zero_shot": {}, "cost": None}
+    result |= {"notes": [], "runs": [], "summary": {}, "paired": {}, "cost": None}
     result |= {"errors": [], "not_run": [], "finished": False}
     references = report.ABLATION_REFERENCES if args.ablation else report.REFERENCES
 
@@ -231,7 +231,6 @@ def _main(argv: list[str] | None) -> int:
         result["summary"] = report.summarise(result["runs"], result["data"], shown)
         result["paired"] = report.paired_comparisons(result["runs"], shown, references)
         result["instrument"] = report.instrument_check(result["runs"])
-        result["zero_shot"] = report.zero_shot_table(result["runs"])
         return report.write_results(Path(args.out), name, result)
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="moecl-bench-"))
@@ -303,26 +302,27 @@ def _run_accuracy(bench, plan, stored_only: set, result, save, runs_dir: Path, a
             continue
         if stored is not None:
             result["runs"].append(stored | {"reused": True})
-            if (
-                mode == "instruction"
-            ):  # its b_i serve the runs still to come (the untrained model is the same)
-                for task, value in (stored["metrics"].get("zero_shot") or {}).items():
-                    bench.zero_shot.setdefault(task, value)
+            # instruction mode: its b_i serve the runs still to come (the untrained model is the same)
+            for task, value in (
+                (stored["metrics"].get("zero_shot") or {}).items() if mode == "instruction" else ()
+            ):
+                bench.zero_shot.setdefault(task, value)
             save()
             continue
         what = f"{method} {mode} {order_name} s{seed}"
         bar.set_postfix_str(what)
         if deadline is not None and time.perf_counter() > deadline:
-            why = {"why": "time budget (--budget-minutes) spent"}
+            why = "time budget (--budget-minutes) spent"
             result["not_run"].append(
-                {"method": method, "mode": mode, "order": order_name, "seed": seed} | why
+                {"method": method, "mode": mode, "order": order_name, "seed": seed, "why": why}
             )
             continue
         try:
-            if is_joint(method):
-                run = run_joint(bench, method, mode, seed)
-            else:
-                run = run_continual(bench, method, mode, order, seed)
+            run = (
+                run_joint(bench, method, mode, seed)
+                if is_joint(method)
+                else run_continual(bench, method, mode, order, seed)
+            )
         except Exception as exc:  # noqa: BLE001 - record it, carry on with the other runs
             result["errors"].append(_error(what, exc))
             continue
