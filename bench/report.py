@@ -199,7 +199,7 @@ def markdown(result: dict) -> str:
         "",
     ]
     if result.get("not_run"):
-        skipped = ", ".join(f"{r['method']}/{r['mode']}/{r['order']}" for r in result["not_run"])
+        skipped = ", ".join(f"{r['method']}/{r['mode']}/{r['order']}/s{r['seed']}" for r in result["not_run"])
         lines += [f"> Not run ({result['not_run'][0]['why']}): {skipped}", ""]
     lines += [f"> {note}" for note in result.get("notes", [])] + ([""] if result.get("notes") else [])
     if result.get("summary"):
