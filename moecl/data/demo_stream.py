@@ -19,8 +19,6 @@ import html
 import importlib.util
 import json
 import re
-import shutil
-import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from email.header import decode_header, make_header
@@ -64,35 +62,9 @@ def _spam_dir(cache_dir: Path) -> Path:
     return cache_dir / "npm" / "node_modules" / SPAM_PACKAGE / "data"
 
 
-def _npm_install(cache_dir: Path) -> str | None:
-    """Install the npm package into <cache_dir>/npm; returns why it failed, or None."""
-    npm = shutil.which("npm")
-    if npm is None:
-        return "npm is not on PATH"
-    prefix = cache_dir / "npm"
-    prefix.mkdir(parents=True, exist_ok=True)
-    cmd = [
-        npm,
-        "install",
-        "--prefix",
-        str(prefix),
-        "--no-audit",
-        "--no-fund",
-        "--loglevel=error",
-        f"{SPAM_PACKAGE}@{SPAM_VERSION}",
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return f"`{' '.join(cmd[1:])}` failed: {exc}"
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return f"`npm {' '.join(cmd[1:])}` exited {proc.returncode}: {' | '.join(tail)}"
-    return None
-
-
-def ensure_demo_sources(cache_dir: str | Path = ".cache", install: bool = True) -> DemoSources:
-    """Locate both sources (installing the npm package when `install`); one clear error if either is missing."""
+def ensure_demo_sources(cache_dir: str | Path = ".cache") -> DemoSources:
+    """Locate both sources: the PyPI package, and the npm package installed under `cache_dir`/npm (`make setup`
+    installs it; this module never calls npm). One clear error if either is missing."""
     cache_dir = Path(cache_dir)
     problems = []
     bbc = _bbc_dir()
@@ -100,12 +72,10 @@ def ensure_demo_sources(cache_dir: str | Path = ".cache", install: bool = True) 
         problems.append(f"the PyPI package {BBC_PACKAGE} is not installed (pip install {BBC_PACKAGE})")
     spam = _spam_dir(cache_dir)
     if not spam.is_dir():
-        why = _npm_install(cache_dir) if install else "not installed"
-        if not spam.is_dir():
-            problems.append(
-                f"the npm package {SPAM_PACKAGE} is not in {cache_dir / 'npm'} ({why or 'install left no data'}); "
-                f"run: npm install --prefix {cache_dir / 'npm'} {SPAM_PACKAGE}@{SPAM_VERSION}"
-            )
+        problems.append(
+            f"the npm package {SPAM_PACKAGE} is not in {cache_dir / 'npm'}; "
+            f"run: npm install --prefix {cache_dir / 'npm'} {SPAM_PACKAGE}@{SPAM_VERSION}"
+        )
     if problems:
         raise MoeclError(
             "the demo stream's sources are unavailable: "
@@ -290,11 +260,10 @@ class Landing:
         )
 
 
-def demo_landings(
-    cache_dir: str | Path = ".cache", seed: int = DEFAULT_SEED, install: bool = True
-) -> list[Landing]:
-    """The demo stream in order: BBC topics v1 (small), spam compliance v1, BBC topics v2 (larger)."""
-    src = ensure_demo_sources(cache_dir, install=install)
+def demo_landings(cache_dir: str | Path = ".cache", seed: int = DEFAULT_SEED) -> list[Landing]:
+    """The demo stream in order: BBC topics v1 (small), spam compliance v1, BBC topics v2 (larger); its sources
+    are read where `ensure_demo_sources` finds them."""
+    src = ensure_demo_sources(cache_dir)
     bbc_instruction = "What is the topic of this BBC News article? Answer with one of: {labels}."
     bbc_labels = ", ".join(sorted(d.name for d in src.bbc_dir.iterdir() if d.is_dir()))
     return [
