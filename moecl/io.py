@@ -10,6 +10,7 @@ written and where. Folders are written beside their target under a hidden name a
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import math
@@ -56,12 +57,13 @@ def write_error(target: str | os.PathLike, cause: OSError, what: str = "", after
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, what: str = "") -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, what: str = "", exclusive: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to `path`; whatever the block writes there replaces `path` on success.
 
     For writers that want a file name rather than a file object (matplotlib's savefig, Evidently's
     save_html). The temporary name starts with a dot and ends in .tmp, so globs for the real name miss it.
-    An OSError raised meanwhile (ENOSPC...) becomes a WriteError naming `what` and `path`.
+    An OSError raised meanwhile (ENOSPC...) becomes a WriteError naming `what` and `path`. `exclusive`: create
+    `path` only if it does not exist (a hard link, atomic too), else FileExistsError and nothing written.
     """
     target = Path(path)
     tmp = None
@@ -75,7 +77,14 @@ def atomic_path(path: str | os.PathLike, what: str = "") -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        if exclusive:
+            os.link(tmp, target)  # FileExistsError if another writer took the name
+            _remove(tmp)
+        else:
+            os.replace(tmp, target)
+    except FileExistsError:
+        _remove(tmp)
+        raise
     except OSError as exc:
         _remove(tmp)
         raise write_error(target, exc, what) from exc
@@ -93,25 +102,28 @@ def _remove(tmp: Path | None) -> None:
             pass
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: str = "") -> Path:
-    with atomic_path(path, what) as tmp:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, what: str = "", exclusive: bool = False) -> Path:
+    with atomic_path(path, what, exclusive) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str, what: str = "") -> Path:
-    return write_bytes_atomic(path, text.encode("utf-8"), what)
+def write_text_atomic(path: str | os.PathLike, text: str, what: str = "", exclusive: bool = False) -> Path:
+    return write_bytes_atomic(path, text.encode("utf-8"), what, exclusive)
 
 
 def json_safe(obj: Any) -> Any:
-    """NaN and infinities become null (strict JSON has no NaN); tuples become lists."""
+    """Plain JSON: NaN and infinities become null (strict JSON has no NaN), dataclasses dicts, paths strings,
+    tuples lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
-    return obj
+    return str(obj) if isinstance(obj, Path) else obj
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2, what: str = "") -> Path:

@@ -25,10 +25,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,7 +36,14 @@ from typing import Any
 
 from moecl.errors import IntegrityError, MoeclError, WriteError
 from moecl.integrity import verify_bank
-from moecl.io import file_lock, fsync_dir, git_revision, write_error, write_json_atomic
+from moecl.io import (
+    file_lock,
+    git_revision,
+    json_safe,
+    write_error,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -99,37 +104,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _jsonable(value: Any) -> Any:
-    """Plain JSON: NaN/inf become null, paths strings, dataclasses dicts, tuples lists."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = dataclasses.asdict(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _dumps(obj: Any, indent: int | None = 2) -> str:
-    return json.dumps(_jsonable(obj), indent=indent, sort_keys=indent is not None, allow_nan=False)
-
-
-def _write_temp(directory: Path, text: str) -> Path:
-    """A fully written, fsynced temporary file in `directory` (same file system as its final name)."""
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
+    return json.dumps(json_safe(obj), indent=indent, sort_keys=indent is not None, allow_nan=False)
 
 
 def _take_back(fd: int, size: int, written: int) -> None:
@@ -233,20 +209,13 @@ class Registry:
             record = VersionRecord(version=f"v{number:04d}", **fields)
             stored = {k: v for k, v in record.to_dict().items() if k != "status"}
             path = self._record_path(record.version)
-            try:
-                self.versions_dir.mkdir(parents=True, exist_ok=True)
-                tmp = _write_temp(self.versions_dir, _dumps(stored) + "\n")
-                try:
-                    os.link(tmp, path)  # fails if another process took this id
-                finally:
-                    tmp.unlink(missing_ok=True)
+            what = f"the registry record of {record.version}"
+            try:  # exclusive: fails if another process took this id
+                write_text_atomic(path, _dumps(stored) + "\n", what, exclusive=True)
             except FileExistsError:
                 number = max(number + 1, self._last_number() + 1)
                 continue
-            except OSError as exc:
-                raise write_error(path, exc, f"the registry record of {record.version}") from exc
             break
-        fsync_dir(self.versions_dir)
         try:
             self._append_event("registered", record.version)
         except WriteError:

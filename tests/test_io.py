@@ -1,11 +1,13 @@
 """Atomic writes: the target is the old file or the whole new one; temporary files never stay."""
 
+import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from moecl.io import atomic_path, json_safe, write_json_atomic
+from moecl.io import atomic_path, json_safe, write_json_atomic, write_text_atomic
 
 
 def test_write_json_atomic_writes_strict_json(tmp_path):
@@ -30,3 +32,22 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
 
 def test_json_safe():
     assert json_safe({"x": [math.inf, 1.5], 2: None}) == {"x": [None, 1.5], "2": None}
+    assert json_safe({"p": Path("a/b"), "d": _Point(1.0, math.nan)}) == {
+        "p": "a/b",
+        "d": {"x": 1.0, "y": None},
+    }
+
+
+@dataclasses.dataclass
+class _Point:
+    x: float
+    y: float
+
+
+def test_an_exclusive_write_never_replaces_an_existing_file(tmp_path):
+    path = tmp_path / "v0001.json"
+    write_text_atomic(path, "first", exclusive=True)
+    with pytest.raises(FileExistsError):
+        write_text_atomic(path, "second", exclusive=True)
+    assert path.read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["v0001.json"]
