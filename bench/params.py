@@ -33,6 +33,7 @@ BASES |= {  # base -> method params over the library's defaults
 # (bench/results/cpu-dev.md); `replay_per_task` None: the preset's `replay_per_task`.
 KNOBS = {
     "shared_lr": {"shared_lr_scale": 0.25},
+    "gate_lr": {"gate_lr_scale": 20.0},
     "gate_bias": {"gate_bias": 1.25},
     "task_gates": {"task_gates": True},
     "orth": {"shared_orthogonal": True},

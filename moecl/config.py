@@ -54,6 +54,7 @@ class LoraSettings:
 # The paper's value of every method knob that goes beyond it; `method.paper: true` sets all of them.
 PAPER_SETTING: dict[str, Any] = {
     "shared_lr_scale": 1.0,
+    "gate_lr_scale": 1.0,
     "gate_bias": 0.0,
     "task_gates": False,
     "shared_orthogonal": False,
@@ -77,6 +78,7 @@ class MethodConfig:
     # --- beyond the paper (PAPER_SETTING holds the paper's values) ---
     paper: bool = False  # true: every knob below takes the paper's value, whatever it is set to
     shared_lr_scale: float = 1.0  # the shared expert's learning rate as a fraction of train.lr
+    gate_lr_scale: float = 1.0  # the gates' learning rate as a multiple of train.lr
     gate_bias: float = 1.25  # initial gate logit towards the dedicated expert: beta_t starts at sigmoid(bias)
     task_gates: bool = True  # one gate per task (stored with its expert, frozen after its task)
     shared_orthogonal: bool = (
@@ -234,11 +236,13 @@ class Params:
             )
         if (
             self.method.shared_lr_scale < 0
+            or self.method.gate_lr_scale < 0
             or self.method.replay_per_task < 0
             or self.method.memory_per_task < 0
         ):
             raise ParamsError(
-                f"{source}: method.shared_lr_scale, replay_per_task and memory_per_task must not be negative"
+                f"{source}: method.shared_lr_scale, gate_lr_scale, replay_per_task and memory_per_task must not be "
+                "negative"
             )
         if self.method.mode not in MODES:
             raise ParamsError(f"{source}: method.mode={self.method.mode!r} is not one of {', '.join(MODES)}")

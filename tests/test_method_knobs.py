@@ -87,6 +87,33 @@ def test_shared_lr_scale_sets_the_shared_experts_own_learning_rate(tiny_base):
     assert sum(len(g["params"]) for g in groups) == len(trainable)
 
 
+def test_gate_lr_scale_zero_leaves_the_gate_as_it_was(tiny_base, fast_params, two_tasks, tmp_path):
+    params = copy.deepcopy(fast_params)
+    params.method = paper_method(name="moecl_nogan", gate_lr_scale=0.0)  # one gate, trained by every step
+    before, after = _two_steps(tiny_base, params, two_tasks, tmp_path)
+    changed = _changed(before.shared_parameters(), after.shared_parameters())
+    assert any(".gate." in n for n in before.shared_parameters())
+    assert not any(".gate." in n for n in changed), "the gate moved at learning rate 0"
+    assert any(".shared." in n for n in changed), "the shared expert keeps the full learning rate"
+
+
+def test_gate_lr_scale_gives_the_steps_own_gate_its_learning_rate(tiny_base):
+    from moecl.train.loop import optimizer_groups
+
+    method = MethodConfig(name="moecl", gate_lr_scale=20.0, shared_lr_scale=0.5)  # the defaults' task gates
+    model = MoECLModel(tiny_base.load()[0], Params().lora, method)
+    model.add_task(TaskInfo("t1", ["a", "b"]))
+    model.add_task(TaskInfo("t2", ["a", "b"]))
+    trainable = model.trainable_parameters("t2")
+    groups = optimizer_groups(model, "t2", trainable, method, lr=1e-3)
+    assert [g.get("lr") for g in groups] == [None, pytest.approx(5e-4), pytest.approx(2e-2)]
+    gate_ids = {id(p) for layer in model.layers for p in layer.task_gates[expert_name("t2")].parameters()}
+    assert {id(p) for p in groups[2]["params"]} == gate_ids
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    with pytest.raises(ParamsError, match="gate_lr_scale"):
+        apply_overrides(Params(), ["method.gate_lr_scale=-1"])
+
+
 def _beta_t(model: MoECLModel, tok, tasks: list[str]) -> torch.Tensor:
     """The gate's weight on each row's own expert, per layer: [layers, rows] (mean over real tokens)."""
     captured = []

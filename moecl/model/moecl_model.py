@@ -226,6 +226,17 @@ class MoECLModel(nn.Module):
             for p in layer.experts[n].parameters()
         ]
 
+    def gate_parameters(self, task_id: str) -> list[nn.Parameter]:
+        """The gate that a step on `task_id` trains (method.gate_lr_scale applies to it): the one gate, or the
+        task's own."""
+        name = expert_name(task_id)
+        gates = [
+            layer.gate if layer.gate is not None else layer.task_gates[name]
+            for layer in self.layers
+            if layer.gate is not None or name in layer.task_gates
+        ]
+        return [p for gate in gates for p in gate.parameters()]
+
     def trainable_parameters(self, task_id: str) -> list[nn.Parameter]:
         """Exactly what a step on `task_id` may change; every other parameter gets requires_grad=False."""
         for p in self.parameters():

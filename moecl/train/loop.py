@@ -163,14 +163,20 @@ def replay_items(
 
 
 def optimizer_groups(model: MoECLModel, task_id: str, trainable: list, method, lr: float) -> list[dict]:
-    """One AdamW group, or two where the shared expert learns at `method.shared_lr_scale` x the rate."""
-    if method.shared_lr_scale == 1.0 or not method.uses_shared:
+    """One AdamW group at `lr`, plus one for the shared expert at `method.shared_lr_scale` x lr and one for the
+    gate at `method.gate_lr_scale` x lr where those differ from 1."""
+    scaled = []
+    if method.uses_shared and method.shared_lr_scale != 1.0:
+        scaled.append((model.shared_expert_parameters(task_id), method.shared_lr_scale))
+    if method.uses_gate and method.gate_lr_scale != 1.0:
+        scaled.append((model.gate_parameters(task_id), method.gate_lr_scale))
+    if not scaled:
         return [{"params": trainable}]
-    shared = {id(p) for p in model.shared_expert_parameters(task_id)}
-    return [
-        {"params": [p for p in trainable if id(p) not in shared]},
-        {"params": [p for p in trainable if id(p) in shared], "lr": lr * method.shared_lr_scale},
-    ]
+    ids = [{id(p) for p in params} for params, _ in scaled]
+    groups = [{"params": [p for p in trainable if not any(id(p) in i for i in ids)]}]
+    for i, (_, scale) in zip(ids, scaled):
+        groups.append({"params": [p for p in trainable if id(p) in i], "lr": lr * scale})
+    return groups
 
 
 def dev_accuracy(
