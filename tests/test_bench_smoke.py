@@ -424,6 +424,31 @@ def test_paired_tables_pair_runs_of_the_same_seed_only() -> None:
     assert list(table["seq_lora"]["by_run"]) == ["order1/s42"]
 
 
+def test_the_instrument_check_pairs_mtl_with_seq_lora_seed_by_seed() -> None:
+    from bench.report import instrument_check
+
+    def run(method, seed, marks):
+        order = "joint" if method == "mtl" else "order1"
+        return {
+            "method": method,
+            "mode": "instruction",
+            "order": order,
+            "seed": seed,
+            "correct": {"t": marks},
+        }
+
+    runs = [
+        run("mtl", 42, "1110"),
+        run("seq_lora", 42, "1000"),
+        run("seq_lora", 43, "0000"),
+        run("mtl", 43, "1111"),
+        run("mtl", 44, "1111"),  # seq_lora has no seed-44 run: left unpaired
+    ]
+    check = instrument_check(runs)["instruction"]
+    assert check["diff"] == 0.5  # the first seed's pair
+    assert check["over_runs"]["n"] == 2 and check["over_runs"]["mean"] == (0.5 + 1.0) / 2
+
+
 def test_an_ablation_pairs_every_knob_with_the_papers_setting(tmp_path) -> None:
     from bench.run import main
 
