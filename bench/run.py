@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from bench.params import file_stem, is_joint, method_params, model_config, parse_variant
 from bench.presets import METHODS, get_preset, resized
-from moecl.model.base import BaseSpec, state_dict_fingerprint
+from moecl.model.base import BaseSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,19 +117,19 @@ def backbone(preset: dict, tasks_by_mode: dict, params_file="params.yaml", base_
     """(the base, its moecl ModelConfig): moecl.testing's tiny Llama with a tokenizer trained on the tasks' texts
     (ModelConfig None), or the project's backbone as params `model:` names it (moecl.model.base)."""
     if preset["backbone"] == "tiny":
-        from moecl.testing import tiny_llama, tiny_tokenizer
+        from moecl.testing import tiny_base, tiny_tokenizer
 
         tasks = [t for by_id in tasks_by_mode.values() for t in by_id.values()]
         corpus = [r.text for t in tasks for r in t.train]
         tokenizer = tiny_tokenizer(corpus + [f"{t.instruction} {' '.join(t.labels)}" for t in tasks])
-        model = tiny_llama(len(tokenizer), seed=preset["seed"])
-        load = _Pristine(lambda: (model, tokenizer), "cpu")
-        return BaseSpec("moecl.testing.tiny_llama", state_dict_fingerprint(model), load), None
-    from moecl.model.base import base_from_params
+        spec = tiny_base(tokenizer, preset["seed"], "moecl.testing.tiny_llama")
+        model_cfg, device = None, "cpu"
+    else:
+        from moecl.model.base import base_from_params
 
-    model_cfg = model_config(preset, params_file, base_dir)
-    spec = base_from_params(model_cfg)
-    return BaseSpec(spec.name, spec.sha256, _Pristine(spec.load, preset["device"])), model_cfg
+        model_cfg = model_config(preset, params_file, base_dir)
+        spec, device = base_from_params(model_cfg), preset["device"]
+    return BaseSpec(spec.name, spec.sha256, _Pristine(spec.load, device)), model_cfg
 
 
 def plan_runs(methods, modes, orders, seeds: dict[str, list[int]] | None = None) -> list[tuple]:

@@ -107,6 +107,16 @@ def tiny_llama(vocab_size: int, seed: int = 0, hidden: int = 64, layers: int = 2
     return model
 
 
+def tiny_base(tokenizer=None, seed: int = 0, name: str = "tiny-llama") -> BaseSpec:
+    """A BaseSpec over `tiny_llama(seed)` with `tokenizer` (default `tiny_tokenizer()`): every load() builds a
+    fresh, identical copy, and the sha256 is that model's fingerprint."""
+    from moecl.model.base import state_dict_fingerprint
+
+    tok = tokenizer if tokenizer is not None else tiny_tokenizer()
+    sha = state_dict_fingerprint(tiny_llama(len(tok), seed=seed))
+    return BaseSpec(name, sha, lambda: (tiny_llama(len(tok), seed=seed), tok))
+
+
 def write_task_folder(root, task):
     import yaml
 

@@ -32,11 +32,9 @@ def tiny_tok():
 @pytest.fixture(scope="session")
 def tiny_base(tiny_tok):
     """A BaseSpec over a tiny random Llama: every load() returns a fresh, identical copy."""
-    from moecl.model.base import BaseSpec, state_dict_fingerprint
-    from moecl.testing import tiny_llama
+    from moecl import testing
 
-    sha = state_dict_fingerprint(tiny_llama(len(tiny_tok)))
-    return BaseSpec("tiny-llama", sha, lambda: (tiny_llama(len(tiny_tok)), tiny_tok))
+    return testing.tiny_base(tiny_tok)
 
 
 @pytest.fixture
@@ -96,7 +94,6 @@ def champion_ws(request, tmp_path_factory, tiny_base):
         assert [o.decision for o in run_library(params, tiny_base)] == ["promote"]
     finally:
         os.chdir(cwd)
-    assert faults.tiny_base_spec().sha256 == tiny_base.sha256  # the processes' banks load here
     return root
 
 

@@ -35,8 +35,7 @@ import moecl.evaluate  # noqa: F401
 import moecl.plots  # noqa: F401
 import moecl.train.step  # noqa: F401
 from moecl import evolve
-from moecl.model.base import BaseSpec, state_dict_fingerprint
-from moecl.testing import tiny_llama, tiny_tokenizer
+from moecl.testing import tiny_base
 
 # Where each fault strikes. The process kills itself with SIGKILL at that point: no cleanup, no atexit, no
 # finally blocks, exactly like `kill -9` or the OOM killer.
@@ -49,14 +48,6 @@ FAULTS = (
 )
 
 _CONTEXT: multiprocessing.context.BaseContext | None = None
-
-
-def tiny_base_spec() -> BaseSpec:
-    """The same tiny model as the `tiny_base` fixture (fixed seed): banks of a child load in the test process."""
-    tok = tiny_tokenizer()
-    return BaseSpec(
-        "tiny-llama", state_dict_fingerprint(tiny_llama(len(tok))), lambda: (tiny_llama(len(tok)), tok)
-    )
 
 
 def context() -> multiprocessing.context.BaseContext:
@@ -148,7 +139,7 @@ def run(workspace: str, fault: str, log_path: str, result_path: str) -> None:
                 held[-1].append(time.time())
 
     evolve.evolution_lock = timed_lock
-    base = tiny_base_spec()
+    base = tiny_base()
     print(f"pid {os.getpid()}: evolve_pending with fault {fault}", flush=True)
     outcomes = evolve.evolve_pending(
         params,

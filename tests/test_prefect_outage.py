@@ -49,7 +49,7 @@ sys.path.insert(0, os.environ["MOECL_REPO"])
 import torch
 torch.set_num_threads(1)
 from moecl import evolve
-from tests.faults import tiny_base_spec
+from moecl.testing import tiny_base
 from flows.self_evolve import injected_base, self_evolve
 
 def stop_server():
@@ -78,7 +78,7 @@ elif fault == "during-step":
         stop_server()
         return train(*args, **kwargs)
     evolve.train_challenger = train_without_server
-with injected_base(tiny_base_spec()):
+with injected_base(tiny_base()):
     state = self_evolve(params_path="params.yaml", return_state=True)
 print(f"moecl-test: flow state {state.name}: {state.message}", flush=True)
 sys.exit(0 if state.is_completed() else 3)
