@@ -236,7 +236,7 @@ def markdown(result: dict) -> str:
         lines += [
             f"Instrument ({mode} mode): mtl − seq_lora = {check['diff']:+.3f} at {_fmt(ratio, 1)} paired standard "
             f"errors ({verdict} a gap of that size)"
-            + (f"; mean over the seeds {_over_runs(over)} (s.e. test; s.e. seeds)" if over["n"] > 1 else ""),
+            + (f"; mean over the runs {_over_runs(over)} (s.e. test; s.e. between runs)" if over["n"] > 1 else ""),
             "",
         ]
     for reference, by_mode in (result.get("paired") or {}).items():
@@ -255,7 +255,7 @@ def markdown(result: dict) -> str:
                 for o, c in others.items()
             ]
             if any(len(c["by_run"]) > 1 for c in others.values()):  # each pair of runs alone: diff (s.e.)
-                header += ["by run", "mean of the runs (s.e. test; s.e. seeds)"]
+                header += ["by run", "mean of the runs (s.e. test; s.e. between runs)"]
                 for row, c in zip(cells, others.values()):
                     row.append(
                         "; ".join(f"{o} {d['diff']:+.3f} ({d['se']:.3f})" for o, d in c["by_run"].items())
