@@ -236,7 +236,11 @@ def markdown(result: dict) -> str:
         lines += [
             f"Instrument ({mode} mode): mtl − seq_lora = {check['diff']:+.3f} at {_fmt(ratio, 1)} paired standard "
             f"errors ({verdict} a gap of that size)"
-            + (f"; mean over the runs {_over_runs(over)} (s.e. test; s.e. between runs)" if over["n"] > 1 else ""),
+            + (
+                f"; mean over the runs {_over_runs(over)} (s.e. test; s.e. between runs)"
+                if over["n"] > 1
+                else ""
+            ),
             "",
         ]
     for reference, by_mode in (result.get("paired") or {}).items():
