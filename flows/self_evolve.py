@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, tags, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
+from prefect.context import TagsContext
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed
 
@@ -110,8 +111,13 @@ STAGE_RETRIES: dict[str, dict[str, Any]] = {
 
 
 def prefect_stage(name: str, fn, *args, **kwargs):
-    """evolve.process_version's stage runner in a flow: each stage runs as a Prefect task named after it."""
-    return task(fn, name=name, **STAGE, **STAGE_RETRIES.get(name, {}))(*args, **kwargs)
+    """evolve.process_version's stage runner in a flow: each stage runs as a Prefect task named after it.
+
+    The stage task runs without the sub-run's tags (those stay on the sub-run, for filtering the history): a
+    tagged task run asks the API for tag concurrency slots before it starts, so with the server gone every
+    stage after the outage would fail instead of the run going on to its decision."""
+    with TagsContext(current_tags=set()):
+        return task(fn, name=name, **STAGE, **STAGE_RETRIES.get(name, {}))(*args, **kwargs)
 
 
 def resolve_base(params: Params):

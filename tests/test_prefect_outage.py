@@ -76,6 +76,7 @@ elif fault == "during-step":
     train = evolve.train_challenger
     def train_without_server(*args, **kwargs):
         stop_server()
+        time.sleep(6)  # past Prefect's 5 s cache of "no tag limits": the next stages meet the dead server
         return train(*args, **kwargs)
     evolve.train_challenger = train_without_server
 with injected_base(tiny_base()):
