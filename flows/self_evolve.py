@@ -111,13 +111,8 @@ STAGE_RETRIES: dict[str, dict[str, Any]] = {
 
 
 def prefect_stage(name: str, fn, *args, **kwargs):
-    """evolve.process_version's stage runner in a flow: each stage runs as a Prefect task named after it.
-
-    The stage task runs without the sub-run's tags (those stay on the sub-run, for filtering the history): a
-    tagged task run asks the API for tag concurrency slots before it starts, so with the server gone every
-    stage after the outage would fail instead of the run going on to its decision."""
-    with TagsContext(current_tags=set()):
-        return task(fn, name=name, **STAGE, **STAGE_RETRIES.get(name, {}))(*args, **kwargs)
+    """evolve.process_version's stage runner in a flow: each stage runs as a Prefect task named after it."""
+    return task(fn, name=name, **STAGE, **STAGE_RETRIES.get(name, {}))(*args, **kwargs)
 
 
 def resolve_base(params: Params):
@@ -197,7 +192,18 @@ def process_dataset_version(
     params_path: str = "params.yaml",
     overrides: list[str] | None = None,
 ):
-    """One dataset version of one task through the whole path; returns the outcome as a dict."""
+    """One dataset version of one task through the whole path; returns the outcome as a dict.
+
+    The sub-run carries its caller's tags (`moecl`, `task:<id>`: for filtering the history); its task runs do
+    not. A tagged task run asks the API for tag concurrency slots before it starts, so with the server gone
+    every task after the outage would fail instead of the run going on to its decision."""
+    with TagsContext(current_tags=set()):
+        return _process_dataset_version(task_id, data_version, params_path, overrides)
+
+
+def _process_dataset_version(
+    task_id: str, data_version: str | None, params_path: str, overrides: list[str] | None
+):
     logger = get_run_logger()
     params = load_params(params_path, overrides)
     registry = Registry.from_params(params)
