@@ -22,6 +22,7 @@ from bench.params import method_params
 from moecl.bank import new_model
 from moecl.model.encoding import Encoded, collate, pad_id
 from moecl.model.moecl_model import TaskInfo
+from moecl.train.allocator import keep_freed_memory, release_freed_memory
 from moecl.train.loop import optimizer_groups, train_step
 from moecl.train.terms import MemorySampler, build_terms
 
@@ -154,6 +155,7 @@ def measure_memory(base, preset: dict, method: str, mode: str, n_tasks: int) -> 
         torch.cuda.reset_peak_memory_stats(stepper.device)
         before = torch.cuda.memory_allocated(stepper.device) / 2**20
     else:
+        release_freed_memory()  # what earlier methods freed (kept for reuse while timing) would hide the peak
         before = _status_mb("VmRSS")
         try:  # Linux: writing 5 to clear_refs resets the peak RSS, so each method gets its own
             Path("/proc/self/clear_refs").write_text("5")
@@ -222,7 +224,10 @@ def run_costs(base, preset: dict, methods: list[str], *, log=print, checkpoint=N
     timed = [m for m in methods if m not in ("mtl", "per_task_lora", "seq_lora")]
     timed = ["seq_lora", "per_task_lora", *timed]  # the ratios' references: always measured, and first
     settings = {k: cost[k] for k in ("batch_size", "seq_len", "warmup", "repeats", "tasks")}
-    out = {"settings": settings | {"threads": torch.get_num_threads()}, "modes": {}, "scaling": {}}
+    # steps are timed with memory managed as a training step manages it (moecl.train.allocator)
+    keep = method_params(preset, "seq_lora", cost["modes"][0]).train.keep_freed_memory and keep_freed_memory()
+    settings |= {"threads": torch.get_num_threads(), "keep_freed_memory": keep}
+    out = {"settings": settings, "modes": {}, "scaling": {}}
 
     def done() -> None:
         out["ru_maxrss_mb"] = round(ru_maxrss_mb(), 1)

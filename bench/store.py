@@ -22,6 +22,8 @@ def run_key(
 ) -> str:
     fixed = {k: v for k, v in params.items() if k not in ("registry", "flow", "bench", "drift", "gate")}
     fixed["model"] = {k: v for k, v in (fixed.get("model") or {}).items() if k != "local_dir"}
+    # how memory is managed changes no result (moecl.train.allocator)
+    fixed["train"] = {k: v for k, v in (fixed.get("train") or {}).items() if k != "keep_freed_memory"}
     # knobs at the paper's value are left out: a knob added later (at that value by default) keeps the old keys
     method = (fixed.get("method") or {}).items()
     fixed["method"] = {

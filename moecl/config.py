@@ -136,6 +136,7 @@ class TrainConfig:
     evals_per_epoch: int = 3
     max_train_examples: int = 0
     threads: int = 0
+    keep_freed_memory: bool = True
     task: str = ""
     processes: int = 1
     mixed_precision: str = "no"

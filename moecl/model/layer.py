@@ -137,19 +137,47 @@ class MoEFeedForward(nn.Module):
         """
         out = None
         for names, rows in groups:
-            deltas = [self.experts[n][projection] for n in names if projection in self.experts[n]]
-            if not deltas:
+            d = self._experts_delta(names, projection, x if rows is None else x.index_select(0, rows))
+            if d is None:
                 continue
-            xs = x if rows is None else x.index_select(0, rows)
-            d = deltas[0](xs)
-            for extra in deltas[1:]:
-                d = d + extra(xs)
             if rows is None:  # one group covers every row (group_rows)
                 return d
             if out is None:
                 out = d.new_zeros(x.shape[:-1] + d.shape[-1:])
             out.index_copy_(0, rows, d)
         return out
+
+    @staticmethod
+    def _group_inputs(x: torch.Tensor, groups: RowGroups) -> list[torch.Tensor]:
+        """Each row group's rows of `x`, selected once for every projection that reads them."""
+        return [x if rows is None else x.index_select(0, rows) for _, rows in groups]
+
+    def _plus_delta(self, base_out: torch.Tensor, projection: str, inputs: list, groups: RowGroups):
+        """base_out + each row's experts' deltas on `projection` (`inputs`: `_group_inputs` of their input).
+
+        Row groups add their delta into a copy of base_out, row by row: the same float sums as base_out + a
+        delta assembled in a tensor of zeros, without that tensor, and with a backward that hands each group
+        its rows of the gradient instead of zero-filling copies of it (a replayed batch's step was 15% slower).
+        """
+        if groups[0][1] is None:  # one group covers every row (group_rows)
+            return self._add(base_out, self._experts_delta(groups[0][0], projection, inputs[0]))
+        out = None
+        for (names, rows), xs in zip(groups, inputs):
+            d = self._experts_delta(names, projection, xs)
+            if d is not None:
+                out = base_out.clone() if out is None else out
+                out.index_add_(0, rows, d.to(out.dtype))
+        return base_out if out is None else out
+
+    def _experts_delta(self, names: tuple[str, ...], projection: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The sum of the named experts' deltas on `projection`, or None when none of them targets it."""
+        deltas = [self.experts[n][projection] for n in names if projection in self.experts[n]]
+        if not deltas:
+            return None
+        d = deltas[0](x)
+        for extra in deltas[1:]:
+            d = d + extra(x)
+        return d
 
     @staticmethod
     def _add(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
@@ -182,8 +210,9 @@ class MoEFeedForward(nn.Module):
         up_base = base.up_proj(u)
         hiddens = []
         for groups in routing.branches:
-            g = self._add(gate_base, self._delta("gate_proj", u_lora, groups))
-            v = self._add(up_base, self._delta("up_proj", u_lora, groups))
+            inputs = self._group_inputs(u_lora, groups)
+            g = self._plus_delta(gate_base, "gate_proj", inputs, groups)
+            v = self._plus_delta(up_base, "up_proj", inputs, groups)
             hiddens.append(self._swiglu(base.act_fn, g, v))
         down_mask = None
         if p > 0 and self.down_targeted:

@@ -27,6 +27,7 @@ from moecl.model.base import BaseSpec, preferred_device
 from moecl.model.encoding import Encoder
 from moecl.model.moecl_model import TaskInfo
 from moecl.sampling import stratified_sample
+from moecl.train.allocator import keep_freed_memory
 from moecl.train.distributed import make_accelerator, under_distributed_launch
 from moecl.train.loop import StepLosses, TrainOutcome, train_on_task
 
@@ -119,6 +120,8 @@ def run_step(
     started = time.perf_counter()
     if params.train.threads:
         torch.set_num_threads(params.train.threads)
+    if params.train.keep_freed_memory:
+        keep_freed_memory()
     parent_bank = Path(parent_bank) if parent_bank else None
     out_bank = Path(out_bank)
     if out_bank.exists():
