@@ -1,7 +1,7 @@
 """The benchmark's output: bench/results/<name>.json (everything) and .md (the tables a reader wants).
 
-The statistics are moecl.metrics' (spread, acc_standard_error, paired_acc_difference); this module pairs the runs
-and lays out the tables.
+The statistics are moecl.metrics' (spread, acc_standard_error, paired_acc_difference, pooled_paired_differences);
+this module pairs the runs and lays out the tables.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 
 from bench.params import label
 from bench.presets import METHODS
+from moecl import metrics
 from moecl.io import write_text_atomic
-from moecl.metrics import acc_standard_error, mean_paired_difference, paired_acc_difference, spread
 from moecl.plots import draw_method_comparison
 from moecl.routing import format_share
 
@@ -31,12 +31,9 @@ def hardware() -> dict:
     """The machine and the library versions that a run's figures depend on."""
     cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
     models = [x.split(":", 1)[1].strip() for x in cpuinfo if x.startswith("model name")]
-    info = {
-        "cpu": models[0] if models else platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-    }
-    info |= {"torch_threads": torch.get_num_threads(), "python": platform.python_version()}
-    info |= {"platform": platform.platform(), "torch": torch.__version__}
+    info = {"cpu": models[0] if models else platform.processor() or platform.machine()}
+    info |= {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info |= {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__}
     for package in ("transformers", "peft", "tokenizers"):
         try:
             info[package] = importlib.metadata.version(package)
@@ -54,8 +51,12 @@ def _by_rank(items: dict, methods: list[str] | None) -> list[tuple]:
     return sorted(items.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
 
 
+def _seed(run: dict) -> int:
+    return run.get("seed", 42)
+
+
 def _run_label(run: dict) -> str:
-    return f"{run['order']}/s{run.get('seed', 42)}"
+    return f"{run['order']}/s{_seed(run)}"
 
 
 def summarise(runs: list[dict], data: dict | None = None, methods: list[str] | None = None) -> dict:
@@ -69,9 +70,9 @@ def summarise(runs: list[dict], data: dict | None = None, methods: list[str] | N
     for mode, by_method in groups.items():
         sizes = {t: d.get("test") for t, d in ((data or {}).get(mode) or {}).items()}
         for method, group in _by_rank(by_method, methods):
-            row = {k: spread([r[k] for r in group]) for k in ("acc", "bwt", "fwt")}
-            se = [acc_standard_error(r["metrics"].get("per_task"), sizes) for r in group]
-            row |= {"acc_se": spread(se)["mean"], "orders": [r["order"] for r in group]}
+            row = {k: metrics.spread([r[k] for r in group]) for k in ("acc", "bwt", "fwt")}
+            se = [metrics.acc_standard_error(r["metrics"].get("per_task"), sizes) for r in group]
+            row |= {"acc_se": metrics.spread(se)["mean"], "orders": [r["order"] for r in group]}
             out.setdefault(mode, {})[method] = row | {"runs": [_run_label(r) for r in group]}
     return out
 
@@ -92,31 +93,20 @@ def paired_comparisons(runs: list[dict], methods: list[str] | None = None, refer
         table: dict = {}
         for ref in (r for r in marked if r["method"] == reference):
             for other in sorted(present - {reference}):
-                candidates = [r for r in marked if r["method"] == other and r["mode"] == ref["mode"]]
-                candidates = [r for r in candidates if r["order"] in (ref["order"], "joint")]
-                same_seed = [r for r in candidates if r.get("seed", 42) == ref.get("seed", 42)]
-                if same_seed:  # another seed's run would mix training-seed noise into the paired figure
-                    pair = paired_acc_difference(ref["correct"], same_seed[0]["correct"])
+                partner = next((r for r in marked if r["method"] == other and _pairs_with(ref, r)), None)
+                if partner:
+                    pair = metrics.paired_acc_difference(ref["correct"], partner["correct"])
                     table.setdefault(ref["mode"], {}).setdefault(other, []).append((_run_label(ref), pair))
+        ranked = {mode: _by_rank(others, methods) for mode, others in table.items()}
         out[reference] = {
-            mode: {other: _pooled(pairs) for other, pairs in _by_rank(others, methods)}
-            for mode, others in table.items()
+            mode: {o: metrics.pooled_paired_differences(p) for o, p in r} for mode, r in ranked.items()
         }
     return out
 
 
-def _pooled(pairs: list[tuple]) -> dict:
-    """A paired table's row from the (run label, moecl.metrics.PairedDifference) of each pair of runs."""
-    return {
-        "diff": spread([p.diff for _, p in pairs]),
-        "se": spread([p.se for _, p in pairs])["mean"],
-        "reference_only": sum(p.a_only for _, p in pairs),
-        "other_only": sum(p.b_only for _, p in pairs),
-        "records": sum(p.records for _, p in pairs),
-        "orders": [o for o, _ in pairs],
-        "by_run": {o: {"diff": p.diff, "se": p.se} for o, p in pairs},
-        "over_runs": mean_paired_difference([p for _, p in pairs]),
-    }
+def _pairs_with(ref: dict, run: dict) -> bool:
+    """Same mode, order (or a joint run) and seed: another seed's run would mix training-seed noise in."""
+    return run["mode"] == ref["mode"] and run["order"] in (ref["order"], "joint") and _seed(run) == _seed(ref)
 
 
 def instrument_check(runs: list[dict], upper: str = "mtl", lower: str = "seq_lora") -> dict:
@@ -128,17 +118,14 @@ def instrument_check(runs: list[dict], upper: str = "mtl", lower: str = "seq_lor
         by_seed: dict = {}
         for r in runs:
             if r["mode"] == mode and r.get("correct") and r["method"] in (upper, lower):
-                by_seed.setdefault(r.get("seed", 42), {}).setdefault(r["method"], r)
-        pairs = [
-            paired_acc_difference(both[upper]["correct"], both[lower]["correct"])
-            for both in by_seed.values()
-            if len(both) == 2
-        ]
+                by_seed.setdefault(_seed(r), {}).setdefault(r["method"], r)
+        both = [b for b in by_seed.values() if len(b) == 2]
+        pairs = [metrics.paired_acc_difference(b[upper]["correct"], b[lower]["correct"]) for b in both]
         if pairs:
             first = pairs[0]
             ratio = first.diff / first.se if first.se else None
             out[mode] = {"diff": first.diff, "se": first.se, "ratio": ratio}
-            out[mode]["over_runs"] = mean_paired_difference(pairs)
+            out[mode]["over_runs"] = metrics.mean_paired_difference(pairs)
     return out
 
 
@@ -152,18 +139,16 @@ def write_results(out_dir: Path, name: str, result: dict) -> tuple[Path, Path]:
     for mode, rows in result.get("summary", {}).items() if result.get("finished") else ():
         # where rows differ in how many runs they average (seeds, orders), each label says its count
         mixed = len({len(s["runs"]) for s in rows.values()}) > 1
-        shown = {
-            label(m) + (f" ({len(s['runs'])})" if mixed else ""): {
-                "acc": s["acc"]["mean"],
-                "bwt": s["bwt"]["mean"],
-                "acc_se": s["acc_se"],
-            }
-            for m, s in rows.items()
-        }
+        shown = {label(m) + (f" ({len(s['runs'])})" if mixed else ""): _bar(s) for m, s in rows.items()}
         title = f"{result['preset']} preset, {mode} mode: mean over each row's runs"
-        title += " (n: how many)" if mixed else ""
-        draw_method_comparison(shown, out_dir / f"{name}-{mode}.png", title)
+        path = out_dir / f"{name}-{mode}.png"
+        draw_method_comparison(shown, path, title + (" (n: how many)" if mixed else ""))
     return paths
+
+
+def _bar(s: dict) -> dict:
+    """A row's bars in the figure: ACC with its standard error, BWT."""
+    return {"acc": s["acc"]["mean"], "bwt": s["bwt"]["mean"], "acc_se": s["acc_se"]}
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -171,9 +156,16 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def _pm(s: dict) -> str:
-    return (
-        "–" if s["mean"] is None else _fmt(s["mean"]) + (f" ± {s['std']:.3f}" if s["std"] is not None else "")
-    )
+    """Mean ± sample std of a `spread`."""
+    std = f" ± {s['std']:.3f}" if s["std"] is not None else ""
+    return "–" if s["mean"] is None else _fmt(s["mean"]) + std
+
+
+def _over_runs(m: dict) -> str:
+    """A `mean_paired_difference` with both its standard errors."""
+    if m["n"] < 2:
+        return "–"
+    return f"{m['mean']:+.3f} ({m['se_test']:.3f}; {m['se_seeds']:.3f}; {m['n']} runs)"
 
 
 def _cost_cell(key: str, value) -> str:
@@ -183,7 +175,7 @@ def _cost_cell(key: str, value) -> str:
 
 
 def _table(header: list[str], rows: list[list], title: str = "") -> list[str]:
-    """A markdown table (under `title`, where given), then a blank line."""
+    """A markdown table (under `title`, where given), then a blank line; cells through `_fmt`."""
     lines = [title, ""] if title else []
     lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     return lines + ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows] + [""]
@@ -193,124 +185,59 @@ def _table(header: list[str], rows: list[list], title: str = "") -> list[str]:
 _HOW = "[How to read it](../README.md#{}) (bench/README.md)"
 
 
+def _section(title: str, anchor: str) -> list[str]:
+    return [f"## {title}", "", _HOW.format(anchor), ""]
+
+
 def markdown(result: dict) -> str:
-    hw, backbone, runs = result["hardware"], result.get("backbone", {}), result.get("runs", [])
-    sha, gpu = str(backbone.get("sha256"))[:12], f", GPU {hw['gpu']}" if hw.get("gpu") else ""
-    partial = "" if result.get("finished") else " (in progress or interrupted: partial results)"
-    lines = [f"# moecl benchmark: preset `{result['preset']}`", "", result["config"].get("description", "")]
-    lines += ["", f"- command: `{result['command']}`", f"- started: {result['started']}"]
-    lines += [
-        f"- wall time: {_fmt(result.get('wall_seconds'), 1)} s{partial}",
-        f"- backbone: {backbone.get('name')} ({backbone.get('dtype', '?')}, sha256 {sha})",
-        f"- hardware: {hw.get('cpu')}, {hw.get('torch_threads')} torch threads{gpu}; torch {hw.get('torch')}, "
-        f"transformers {hw.get('transformers')}",
-        "",
-    ]
-    if result.get("not_run"):
-        skipped = ", ".join(f"{r['method']}/{r['mode']}/{r['order']}/s{r['seed']}" for r in result["not_run"])
-        lines += [f"> Not run ({result['not_run'][0]['why']}): {skipped}", ""]
-    lines += [f"> {note}" for note in result.get("notes", [])] + ([""] if result.get("notes") else [])
-    if result.get("summary"):
-        lines += [
-            "## Accuracy (ACC), backward transfer (BWT), forward transfer (FWT)",
-            "",
-            _HOW.format("accuracy"),
-            "",
-        ]
-    for mode, rows in result.get("summary", {}).items():
-        cells = [
-            [label(m), _pm(s["acc"]), _fmt(s.get("acc_se")), _pm(s["bwt"]), _pm(s["fwt"])]
-            + [", ".join(s.get("runs") or s["orders"])]
-            for m, s in rows.items()
-        ]
-        lines += _table(["method", "ACC", "ACC s.e.", "BWT", "FWT", "runs"], cells, f"### {mode} mode")
-        lines += _acc_by_run(runs, mode, rows)
-        if result.get("finished"):
-            lines += [f"![ACC and BWT of each row]({result['name']}-{mode}.png)", ""]
+    """The results file: what ran and where, then each kind of figure there is, then the preset."""
+    runs = result.get("runs", [])
+    lines = _header(result) + _accuracy(result)
     for mode, check in (result.get("instrument") or {}).items():
-        ratio, over = check["ratio"], check.get("over_runs") or {"n": 0}
-        resolved = ratio and ratio >= 3
-        verdict = (
-            "the benchmark resolves" if resolved else "under 3: the benchmark cannot be trusted to resolve"
-        )
-        lines += [
-            f"Instrument ({mode} mode): mtl − seq_lora = {check['diff']:+.3f} at {_fmt(ratio, 1)} paired standard "
-            f"errors ({verdict} a gap of that size)"
-            + (
-                f"; mean over the runs {_over_runs(over)} (s.e. test; s.e. between runs)"
-                if over["n"] > 1
-                else ""
-            ),
-            "",
-        ]
+        lines += [_instrument(mode, check), ""]
     for reference, by_mode in (result.get("paired") or {}).items():
-        name = label(reference)
-        lines += [f"## {name} against each row, record by record", "", _HOW.format("paired"), ""]
-        for mode, others in by_mode.items():
-            header = ["vs", "diff", "paired s.e.", "diff / s.e.", "ref only", "other only", "records"]
-            cells = [
-                [
-                    label(o),
-                    _pm(c["diff"]),
-                    _fmt(c["se"]),
-                    _fmt(c["diff"]["mean"] / c["se"], 1) if c["se"] else "–",
-                ]
-                + [c[k] for k in ("reference_only", "other_only", "records")]
-                for o, c in others.items()
-            ]
-            if any(len(c["by_run"]) > 1 for c in others.values()):  # each pair of runs alone: diff (s.e.)
-                header += ["by run", "mean of the runs (s.e. test; s.e. between runs)"]
-                for row, c in zip(cells, others.values()):
-                    row.append(
-                        "; ".join(f"{o} {d['diff']:+.3f} ({d['se']:.3f})" for o, d in c["by_run"].items())
-                    )
-                    row.append(_over_runs(c["over_runs"]))
-            lines += _table(header, cells, f"### {mode} mode")
-    routed = [r for r in runs if r.get("routing")]
-    if routed:
-        lines += [
-            "## The gate: weight on each task's own expert in the final model",
-            "",
-            _HOW.format("gate"),
-            "",
-        ]
-        tasks = list(dict.fromkeys(t for r in routed for t in r["routing"]))
-        cells = [
-            [f"{label(r['method'])} · {r['mode']} · {_run_label(r)}"]
-            + [format_share(r["routing"][t]) if t in r["routing"] else "–" for t in tasks]
-            for r in routed
-        ]
-        lines += _table(["run"] + tasks, cells)
-    if runs:
-        lines += ["## Accuracy matrices", "", _HOW.format("matrices"), ""]
-    for run in runs:
-        m, order = run["metrics"], run["metrics"]["order"]
-        lines += [
-            f"**{label(run['method'])} · {run['mode']} · {_run_label(run)}** — ACC {_fmt(run['acc'])}, "
-            f"BWT {_fmt(run['bwt'])}, FWT {_fmt(run['fwt'])}, {_fmt(run['seconds'], 0)} s",
-            "",
-        ]
-        rows = [
-            ["joint" if run["order"] == "joint" else m["steps"][i]] + row for i, row in enumerate(m["matrix"])
-        ]
-        for name, key in (("before", "before_training"), ("b", "zero_shot")):
-            rows += [[name] + [m[key].get(t) for t in order]] if m.get(key) else []
-        lines += _table(["after"] + order, rows)
-    lines += _cost_markdown(result["cost"]) if result.get("cost") else []
-    reused = sum(1 for r in runs if r.get("reused"))
-    if reused:
-        lines += [
-            f"{reused} of {len(runs)} runs were read back from their stored files "
-            f"({result['selected'].get('runs_dir')}), run in earlier invocations with the same settings.",
-            "",
-        ]
+        lines += _paired(reference, by_mode)
+    lines += _gate([r for r in runs if r.get("routing")]) + _matrices(runs)
+    lines += _cost(result["cost"]) if result.get("cost") else []
+    lines += _reused(result)
     return "\n".join(lines + ["## Preset", "", "```json", json.dumps(result["config"], indent=1), "```", ""])
 
 
-def _over_runs(m: dict) -> str:
-    if m["n"] < 2:
-        return "–"
-    return f"{m['mean']:+.3f} ({m['se_test']:.3f}; {m['se_seeds']:.3f}; {m['n']} runs)"
+def _header(result: dict) -> list[str]:
+    """Title, command, time, backbone and hardware, then the runs left out and the notes."""
+    hw, backbone = result["hardware"], result.get("backbone", {})
+    partial = "" if result.get("finished") else " (in progress or interrupted: partial results)"
+    sha, gpu = str(backbone.get("sha256"))[:12], f", GPU {hw['gpu']}" if hw.get("gpu") else ""
+    versions = f"torch {hw.get('torch')}, transformers {hw.get('transformers')}"
+    lines = [f"# moecl benchmark: preset `{result['preset']}`", "", result["config"].get("description", "")]
+    lines += ["", f"- command: `{result['command']}`", f"- started: {result['started']}"]
+    lines += [f"- wall time: {_fmt(result.get('wall_seconds'), 1)} s{partial}"]
+    lines += [f"- backbone: {backbone.get('name')} ({backbone.get('dtype', '?')}, sha256 {sha})"]
+    lines += [f"- hardware: {hw.get('cpu')}, {hw.get('torch_threads')} torch threads{gpu}; {versions}", ""]
+    if result.get("not_run"):
+        skipped = ", ".join(f"{r['method']}/{r['mode']}/{r['order']}/s{r['seed']}" for r in result["not_run"])
+        lines += [f"> Not run ({result['not_run'][0]['why']}): {skipped}", ""]
+    notes = result.get("notes", [])
+    return lines + [f"> {note}" for note in notes] + ([""] if notes else [])
+
+
+def _accuracy(result: dict) -> list[str]:
+    """Per mode: each row's figures over its runs, each run's ACC where rows have several, the figure."""
+    summary = result.get("summary", {})
+    title = "Accuracy (ACC), backward transfer (BWT), forward transfer (FWT)"
+    lines = _section(title, "accuracy") if summary else []
+    for mode, rows in summary.items():
+        header = ["method", "ACC", "ACC s.e.", "BWT", "FWT", "runs"]
+        lines += _table(header, [_summary_row(m, s) for m, s in rows.items()], f"### {mode} mode")
+        lines += _acc_by_run(result.get("runs", []), mode, rows)
+        if result.get("finished"):
+            lines += [f"![ACC and BWT of each row]({result['name']}-{mode}.png)", ""]
+    return lines
+
+
+def _summary_row(method: str, s: dict) -> list:
+    runs = ", ".join(s.get("runs") or s["orders"])
+    return [label(method), _pm(s["acc"]), s.get("acc_se"), _pm(s["bwt"]), _pm(s["fwt"]), runs]
 
 
 def _acc_by_run(runs: list[dict], mode: str, rows: dict) -> list[str]:
@@ -323,15 +250,76 @@ def _acc_by_run(runs: list[dict], mode: str, rows: dict) -> list[str]:
     acc = {}
     for r in runs:
         for column in columns:
-            if _run_label(r) == column or (
-                r["order"] == "joint" and column.endswith(f"/s{r.get('seed', 42)}")
-            ):
+            if _run_label(r) == column or (r["order"] == "joint" and column.endswith(f"/s{_seed(r)}")):
                 acc[r["method"], column] = r["acc"]
     cells = [[label(m)] + [acc.get((m, column)) for column in columns] for m in rows]
     return ["ACC of each run:", ""] + _table(["method"] + columns, cells)
 
 
-def _cost_markdown(cost: dict) -> list[str]:
+def _instrument(mode: str, check: dict) -> str:
+    """ACC(mtl) - ACC(seq_lora) in paired standard errors: at 3 or more the benchmark resolves such a gap."""
+    ratio, over = check["ratio"], check.get("over_runs") or {"n": 0}
+    resolved = ratio and ratio >= 3
+    verdict = "the benchmark resolves" if resolved else "under 3: the benchmark cannot be trusted to resolve"
+    line = f"Instrument ({mode} mode): mtl − seq_lora = {check['diff']:+.3f} at {_fmt(ratio, 1)} paired standard "
+    line += f"errors ({verdict} a gap of that size)"
+    if over["n"] > 1:
+        line += f"; mean over the runs {_over_runs(over)} (s.e. test; s.e. between runs)"
+    return line
+
+
+def _paired(reference: str, by_mode: dict) -> list[str]:
+    """The reference row against every other, record by record: a table per mode."""
+    lines = _section(f"{label(reference)} against each row, record by record", "paired")
+    for mode, others in by_mode.items():
+        header = ["vs", "diff", "paired s.e.", "diff / s.e.", "ref only", "other only", "records"]
+        cells = [_paired_row(other, c) for other, c in others.items()]
+        if any(len(c["by_run"]) > 1 for c in others.values()):  # each pair of runs alone: diff (s.e.)
+            header += ["by run", "mean of the runs (s.e. test; s.e. between runs)"]
+            for row, c in zip(cells, others.values()):
+                by_run = "; ".join(f"{o} {d['diff']:+.3f} ({d['se']:.3f})" for o, d in c["by_run"].items())
+                row += [by_run, _over_runs(c["over_runs"])]
+        lines += _table(header, cells, f"### {mode} mode")
+    return lines
+
+
+def _paired_row(other: str, c: dict) -> list:
+    ratio = _fmt(c["diff"]["mean"] / c["se"], 1) if c["se"] else "–"
+    return [label(other), _pm(c["diff"]), c["se"], ratio, c["reference_only"], c["other_only"], c["records"]]
+
+
+def _run_title(run: dict) -> str:
+    return f"{label(run['method'])} · {run['mode']} · {_run_label(run)}"
+
+
+def _gate(routed: list[dict]) -> list[str]:
+    """Each gated run's final routing: per task, the weight on the task's own expert."""
+    if not routed:
+        return []
+    tasks = list(dict.fromkeys(t for r in routed for t in r["routing"]))
+    shares = [[format_share(r["routing"][t]) if t in r["routing"] else "–" for t in tasks] for r in routed]
+    cells = [[_run_title(r), *row] for r, row in zip(routed, shares)]
+    title = "The gate: weight on each task's own expert in the final model"
+    return _section(title, "gate") + _table(["run"] + tasks, cells)
+
+
+def _matrices(runs: list[dict]) -> list[str]:
+    """Each run's figures and accuracy matrix, with R[i-1][i] (`before`) and b_i (`b`) where measured."""
+    lines = _section("Accuracy matrices", "matrices") if runs else []
+    for run in runs:
+        m, order = run["metrics"], run["metrics"]["order"]
+        figures = f"ACC {_fmt(run['acc'])}, BWT {_fmt(run['bwt'])}, FWT {_fmt(run['fwt'])}"
+        lines += [f"**{_run_title(run)}** — {figures}, {_fmt(run['seconds'], 0)} s", ""]
+        steps = ["joint"] if run["order"] == "joint" else m["steps"]
+        rows = [[step] + row for step, row in zip(steps, m["matrix"])]
+        for name, key in (("before", "before_training"), ("b", "zero_shot")):
+            rows += [[name] + [m[key].get(t) for t in order]] if m.get(key) else []
+        lines += _table(["after"] + order, rows)
+    return lines
+
+
+def _cost(cost: dict) -> list[str]:
+    """Per mode, each method's step time, latency and memory with their ratios; step time against task count."""
     s = cost["settings"]
     sizes = f"Batches of {s['batch_size']} x {s['seq_len']} tokens, {s['tasks']} tasks in the model, {s['threads']} "
     sizes += f"threads; median of {s['repeats']} interleaved rounds after {s['warmup']} warm-up. "
@@ -350,3 +338,13 @@ def _cost_markdown(cost: dict) -> list[str]:
         lines += _table(["tasks", "step s", "vs 1 task", "peak MiB"], cells, title)
     kind = next((r["peak_memory_kind"] for rows in cost["modes"].values() for r in rows), "")
     return lines + [f"Peak memory: {kind}; process ru_maxrss {cost.get('ru_maxrss_mb')} MiB.", ""]
+
+
+def _reused(result: dict) -> list[str]:
+    runs = result.get("runs", [])
+    reused = sum(1 for r in runs if r.get("reused"))
+    if not reused:
+        return []
+    where = result["selected"].get("runs_dir")
+    stored = f"{reused} of {len(runs)} runs were read back from their stored files ({where}), "
+    return [stored + "run in earlier invocations with the same settings.", ""]

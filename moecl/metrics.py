@@ -112,6 +112,23 @@ def mean_paired_difference(pairs: Sequence[PairedDifference]) -> dict[str, float
     }
 
 
+def pooled_paired_differences(pairs: Sequence[tuple[str, PairedDifference]]) -> dict[str, Any]:
+    """Several paired differences of one reference (a) against one other row (b), a (label, difference) per pair
+    of runs, pooled: the spread of the differences, their mean standard error, the records only the reference /
+    only the other got right and all records (summed), each pair's own figure by label, and the mean over the
+    pairs with both its standard errors (`mean_paired_difference`)."""
+    return {
+        "diff": spread([p.diff for _, p in pairs]),
+        "se": spread([p.se for _, p in pairs])["mean"],
+        "reference_only": sum(p.a_only for _, p in pairs),
+        "other_only": sum(p.b_only for _, p in pairs),
+        "records": sum(p.records for _, p in pairs),
+        "orders": [label for label, _ in pairs],
+        "by_run": {label: {"diff": p.diff, "se": p.se} for label, p in pairs},
+        "over_runs": mean_paired_difference([p for _, p in pairs]),
+    }
+
+
 def acc_standard_error(per_task: Mapping[str, float | None], test_sizes: Mapping[str, int]) -> float | None:
     """The standard error of ACC that sampling the test records alone implies: each task's accuracy is a
     binomial proportion p_j over n_j records, so SE = sqrt(sum_j p_j (1 - p_j) / n_j) / T. None where a

@@ -171,6 +171,19 @@ def test_mean_paired_difference_over_runs_hand_computed():
     assert mean_paired_difference([])["mean"] is None
 
 
+def test_pooled_paired_differences_sum_the_records_and_keep_each_pair():
+    from moecl.metrics import PairedDifference, pooled_paired_differences
+
+    pairs = [("order1/s42", PairedDifference(0.02, 0.03, 5, 3, 100))]
+    pairs.append(("order1/s43", PairedDifference(0.04, 0.01, 6, 2, 100)))
+    pooled = pooled_paired_differences(pairs)
+    assert pooled["diff"]["mean"] == pytest.approx(0.03) and pooled["se"] == pytest.approx(0.02)
+    assert (pooled["reference_only"], pooled["other_only"], pooled["records"]) == (11, 5, 200)
+    assert pooled["orders"] == ["order1/s42", "order1/s43"]
+    assert pooled["by_run"]["order1/s43"] == {"diff": 0.04, "se": 0.01}
+    assert pooled["over_runs"]["n"] == 2 and pooled["over_runs"]["mean"] == pytest.approx(0.03)
+
+
 def test_acc_standard_error_is_the_binomial_one():
     from moecl.metrics import acc_standard_error
 
