@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import os
 import shlex
 import shutil
@@ -86,36 +85,11 @@ def _select(requested: list[str] | None, available, what: str) -> list[str]:
     return [a for a in available if not requested or a in requested]
 
 
-class _Pristine:
-    """The untouched (model, tokenizer), loaded once; each call returns a fresh deep copy of the model (moecl
-    installs its layers in place, and loading the backbone each time would cost seconds, a GGUF much more)."""
-
-    def __init__(self, load, device: str):
-        self.load, self.device, self.seconds = load, device, 0.0
-
-    @functools.cached_property
-    def loaded(self) -> tuple:
-        started = time.perf_counter()
-        model, tokenizer = self.load()
-        model.to(self.device).eval().requires_grad_(False)
-        self.seconds = time.perf_counter() - started
-        return model, tokenizer
-
-    def __call__(self):
-        model, tokenizer = self.loaded
-        return copy.deepcopy(model), tokenizer
-
-    def describe(self) -> dict:
-        model = self.loaded[0]
-        layers, hidden = (getattr(model.config, k, None) for k in ("num_hidden_layers", "hidden_size"))
-        info = {"parameters": sum(p.numel() for p in model.parameters())}
-        info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-        return info | {"layers": layers, "hidden_size": hidden, "load_seconds": round(self.seconds, 2)}
-
-
 def backbone(preset: dict, tasks_by_mode: dict, params_file="params.yaml", base_dir=None) -> tuple:
-    """(the base, its moecl ModelConfig): moecl.testing's tiny Llama with a tokenizer trained on the tasks' texts
-    (ModelConfig None), or the project's backbone as params `model:` names it (moecl.model.base)."""
+    """(the base, its moecl ModelConfig, what was loaded): moecl.testing's tiny Llama with a tokenizer trained on the
+    tasks' texts (ModelConfig None), or the project's backbone as params `model:` names it (moecl.model.base).
+    The model is loaded once; each `base.load()` returns a fresh deep copy of it (moecl installs its layers in
+    place, and loading the backbone each time would cost seconds, a GGUF much more)."""
     if preset["backbone"] == "tiny":
         from moecl.testing import tiny_base, tiny_tokenizer
 
@@ -129,22 +103,31 @@ def backbone(preset: dict, tasks_by_mode: dict, params_file="params.yaml", base_
 
         model_cfg = model_config(preset, params_file, base_dir)
         spec, device = base_from_params(model_cfg), preset["device"]
-    return BaseSpec(spec.name, spec.sha256, _Pristine(spec.load, device)), model_cfg
+    started = time.perf_counter()
+    model, tokenizer = spec.load()
+    model.to(device).eval().requires_grad_(False)
+    loaded = _describe(model, time.perf_counter() - started)
+    return BaseSpec(spec.name, spec.sha256, lambda: (copy.deepcopy(model), tokenizer)), model_cfg, loaded
 
 
-def plan_runs(methods, modes, orders, seeds: dict[str, list[int]] | None = None) -> list[tuple]:
+def _describe(model, load_seconds: float) -> dict:
+    layers, hidden = (getattr(model.config, k, None) for k in ("num_hidden_layers", "hidden_size"))
+    info = {"parameters": sum(p.numel() for p in model.parameters())}
+    info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    return info | {"layers": layers, "hidden_size": hidden, "load_seconds": round(load_seconds, 2)}
+
+
+def plan_runs(methods, modes, orders, seeds: dict[str, list[int]]) -> list[tuple]:
     """(mode, order, method, seed): every row's first seed order by order, then the extra seeds, so that a run
     cut short loses repeats before it loses a row. The joint row (order-independent) runs once per mode and
-    seed, with the first order (order None). `seeds`: row -> its training seeds (default 42 for every row)."""
-    seeds = seeds or {}
+    seed, with the first order (order None). `seeds`: row -> its training seeds."""
     plan = []
-    for r in range(max((len(seeds.get(m, [42])) for m in methods), default=1)):
+    for r in range(max((len(seeds[m]) for m in methods), default=1)):
         for k, order in enumerate(orders):
             for mode in modes:
                 for m in methods:
-                    row_seeds = seeds.get(m, [42])
-                    if r < len(row_seeds) and (k == 0 or not is_joint(m)):
-                        plan.append((mode, None if is_joint(m) else order, m, row_seeds[r]))
+                    if r < len(seeds[m]) and (k == 0 or not is_joint(m)):
+                        plan.append((mode, None if is_joint(m) else order, m, seeds[m][r]))
     return plan
 
 
@@ -153,27 +136,20 @@ def main(argv: list[str] | None = None) -> int:
 
     threads = torch.get_num_threads()
     try:
-        return _main(argv)
+        return _main(parse_args(argv), sys.argv[1:] if argv is None else argv)
     finally:
         torch.set_num_threads(threads)  # presets set their own: give the caller (pytest) its own back
 
 
-def _main(argv: list[str] | None) -> int:
+def _main(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
 
     from bench import report
     from bench.runs import Bench
     from bench.tasks import DataMissing, data_summary, load_tasks
 
-    args = parse_args(argv)
-    argv = sys.argv[1:] if argv is None else argv
     started_wall = time.perf_counter()
-    sizes = {k: getattr(args, k) for k in ("per_class", "test_per_task", "epochs", "max_length")}
-    preset = resized(get_preset(args.preset), **sizes)
-    if args.device:
-        preset["device"] = args.device
-        if args.device == "cpu":  # the library trains on the GPU when it sees one: let it see none
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    preset, resized_run = _preset(args)
     # the preset's own rows (and seeds) join the tables from their stored runs, never run here, so that running
     # a few rows or seeds still writes the whole table
     rows = list(preset["ablation" if args.ablation else "methods"])
@@ -182,17 +158,11 @@ def _main(argv: list[str] | None) -> int:
         parse_variant(method)  # an unknown row stops here, before anything is loaded
     shown = [*rows, *(m for m in methods if m not in rows)]
     modes = _select(_list(args.modes), list(preset["modes"]), "modes")
-    order_names = _select(_list(args.orders), list(preset["orders"]), "orders")
-    orders = {name: preset["orders"][name] for name in order_names}
-    if args.tasks:
-        kept = _select(_list(args.tasks), sorted({t for order in orders.values() for t in order}), "tasks")
-        orders = {name: [t for t in order if t in kept] for name, order in orders.items()}
-    resized_run = any([args.tasks, *sizes.values()])
+    order_names, orders = _orders(args, preset)
     stem = preset["name"] + ("-dev" if args.split == "dev" else "")
     suffix = "-slice" if resized_run or args.cost_only else "-ablation" if args.ablation else ""
     name = args.name or stem + suffix
     runs_dir = Path(args.runs_dir or Path(args.out) / "runs" / (name if resized_run else stem))
-
     train = preset["params"].setdefault("train", {})
     threads = train.get("threads", 0) if args.threads is None else args.threads
     if threads:
@@ -207,19 +177,14 @@ def _main(argv: list[str] | None) -> int:
         print(f"preset {preset['name']!r} needs a CUDA GPU and torch sees none", file=sys.stderr)
         return 2
 
-    base, model_cfg = backbone(preset, tasks_by_mode, args.params, args.base_dir)
+    base, model_cfg, loaded = backbone(preset, tasks_by_mode, args.params, args.base_dir)
     selected = {"methods": methods, "modes": modes, "orders": order_names, "orders_run": orders}
-    result = {
-        "preset": preset["name"],
-        "name": name,
-        "config": preset,
-        "selected": selected | {"split": args.split, "runs_dir": _relative(runs_dir)},
-        "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv),
-        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "hardware": report.hardware(),
-        "backbone": {"name": base.name, "sha256": base.sha256, **base.load.describe()},
-        "data": {mode: data_summary(tasks) for mode, tasks in tasks_by_mode.items()},
-    }
+    selected |= {"split": args.split, "runs_dir": _relative(runs_dir)}
+    result = {"preset": preset["name"], "name": name, "config": preset, "selected": selected}
+    result |= {"command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv), "started": _now()}
+    result |= {"hardware": report.hardware()}
+    result["backbone"] = {"name": base.name, "sha256": base.sha256, **loaded}
+    result["data"] = {mode: data_summary(tasks) for mode, tasks in tasks_by_mode.items()}
     result |= {"notes": [], "runs": [], "summary": {}, "paired": {}, "cost": None}
     result |= {"errors": [], "not_run": [], "finished": False}
     references = report.ABLATION_REFERENCES if args.ablation else report.REFERENCES
@@ -234,21 +199,13 @@ def _main(argv: list[str] | None) -> int:
         return report.write_results(Path(args.out), name, result)
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="moecl-bench-"))
-    progress = not args.quiet
-    inner_progress = progress and preset["backbone"] != "tiny"  # the tiny model's steps take no time to watch
+    # the tiny model's steps take no time to watch
+    inner_progress = not args.quiet and preset["backbone"] != "tiny"
     bench = Bench(preset, base, model_cfg, tasks_by_mode, orders, workdir, args.keep_banks, inner_progress)
     deadline = started_wall + 60 * args.budget_minutes if args.budget_minutes is not None else None
     try:
         if not args.no_cost:  # first: minutes at most, and a time budget should not cut it
-            from bench.cost import run_costs
-
-            log = (lambda msg: tqdm.write(msg, file=sys.stderr)) if progress else (lambda msg: None)
-            torch.manual_seed(preset["seed"])
-            try:
-                run_costs(base, preset, methods, log=log, checkpoint=save)
-            except Exception as exc:  # noqa: BLE001 - a failed micro-benchmark must not stop the accuracy runs
-                result["errors"].append(_error("cost", exc))
-            save()
+            _run_costs(bench, methods, result, save, args.quiet)
         if not args.cost_only:
             seeds = {m: list(args.seeds) for m in methods} if args.seeds else _preset_seeds(preset, methods)
             plan = plan_runs(methods, modes, list(orders), seeds)
@@ -266,6 +223,27 @@ def _main(argv: list[str] | None) -> int:
     return 1 if result["errors"] else 0
 
 
+def _preset(args: argparse.Namespace) -> tuple[dict, bool]:
+    """The preset resized by the CLI's size flags and moved to --device; and whether a flag resized it."""
+    sizes = {k: getattr(args, k) for k in ("per_class", "test_per_task", "epochs", "max_length")}
+    preset = resized(get_preset(args.preset), **sizes)
+    if args.device:
+        preset["device"] = args.device
+        if args.device == "cpu":  # the library trains on the GPU when it sees one: let it see none
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    return preset, any([args.tasks, *sizes.values()])
+
+
+def _orders(args: argparse.Namespace, preset: dict) -> tuple[list[str], dict]:
+    """The selected orders' names, and name -> its tasks (only those of --tasks, in the order's sequence)."""
+    names = _select(_list(args.orders), list(preset["orders"]), "orders")
+    orders = {name: preset["orders"][name] for name in names}
+    if args.tasks:
+        kept = _select(_list(args.tasks), sorted({t for order in orders.values() for t in order}), "tasks")
+        orders = {name: [t for t in order if t in kept] for name, order in orders.items()}
+    return names, orders
+
+
 def _preset_seeds(preset: dict, methods: list[str]) -> dict[str, list[int]]:
     """row -> its training seeds: the preset's `seed`, then the row's `extra_seeds`."""
     return {m: [preset["seed"], *preset["extra_seeds"].get(m, ())] for m in methods}
@@ -278,64 +256,83 @@ def _relative(path: Path) -> str:
         return str(path)
 
 
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
 def _error(what: str, exc: Exception) -> dict:
     return {"what": what, "error": repr(exc), "traceback": traceback.format_exc()}
 
 
+def _run_costs(bench, methods: list[str], result: dict, save, quiet: bool) -> None:
+    """The cost micro-benchmarks (bench/cost.py); a failure is recorded and the accuracy runs go on."""
+    import torch
+
+    from bench.cost import run_costs
+
+    log = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+    torch.manual_seed(bench.preset["seed"])
+    try:
+        run_costs(bench.base, bench.preset, methods, log=log, checkpoint=save)
+    except Exception as exc:  # noqa: BLE001 - a failed micro-benchmark must not stop the accuracy runs
+        result["errors"].append(_error("cost", exc))
+    save()
+
+
 def _run_accuracy(bench, plan, stored_only: set, result, save, runs_dir: Path, args, deadline) -> None:
     """Run (or read back) every run of `plan`; those in `stored_only` are read back where stored, else left out."""
-    from bench.runs import run_continual, run_joint
+    from bench.runs import run_one
     from bench.store import load_run, run_key, run_path, save_run
 
-    preset, base, progress = bench.preset, bench.base, not args.quiet
-    bar = tqdm(plan, desc=f"bench {preset['name']}", disable=not progress, file=sys.stderr)
-    for mode, order, method, seed in bar:
+    preset, base = bench.preset, bench.base
+    bar = tqdm(plan, desc=f"bench {preset['name']}", disable=args.quiet, file=sys.stderr)
+    for planned in bar:
+        mode, order, method, seed = planned
         order_name, tasks = order or "joint", bench.tasks[mode]
         order_tasks = sorted(tasks) if order is None else bench.orders[order]
         params = method_params(preset, method, mode, bench.model_cfg, seed).to_dict()
         data = {t: tasks[t].content_hash() for t in order_tasks}
         key = run_key(params, order_tasks, data, base.sha256, preset["device"])
         path = run_path(runs_dir, file_stem(method), mode, order_name, seed)
-        only_stored = (mode, order, method, seed) in stored_only
+        only_stored = planned in stored_only
         stored = None if args.rerun and not only_stored else load_run(path, key)
-        if stored is None and only_stored:
-            continue
         if stored is not None:
-            result["runs"].append(stored | {"reused": True})
-            # instruction mode: its b_i serve the runs still to come (the untrained model is the same)
-            for task, value in (
-                (stored["metrics"].get("zero_shot") or {}).items() if mode == "instruction" else ()
-            ):
-                bench.zero_shot.setdefault(task, value)
+            _read_back(bench, stored, result)
             save()
+        if stored is not None or only_stored:
             continue
         what = f"{method} {mode} {order_name} s{seed}"
         bar.set_postfix_str(what)
         if deadline is not None and time.perf_counter() > deadline:
-            why = "time budget (--budget-minutes) spent"
-            result["not_run"].append(
-                {"method": method, "mode": mode, "order": order_name, "seed": seed, "why": why}
-            )
+            skipped = {"method": method, "mode": mode, "order": order_name, "seed": seed}
+            result["not_run"].append(skipped | {"why": "time budget (--budget-minutes) spent"})
             continue
         try:
-            run = (
-                run_joint(bench, method, mode, seed)
-                if is_joint(method)
-                else run_continual(bench, method, mode, order, seed)
-            )
+            run = run_one(bench, method, mode, order, seed)
         except Exception as exc:  # noqa: BLE001 - record it, carry on with the other runs
             result["errors"].append(_error(what, exc))
             continue
-        finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         context = {"params": params, "data": data, "base": base.sha256, "hardware": result["hardware"]}
-        save_run(path, key, run, context | {"finished": finished})
+        save_run(path, key, run, context | {"finished": _now()})
         result["runs"].append(run)
-        if progress:
-            figures = " ".join(f"{k.upper()} {_f(run[k])}" for k in ("acc", "bwt", "fwt"))
-            line = f"{method:14s} {mode:11s} {order_name:7s} s{seed} {figures}  {run['seconds']:.0f}s"
-            tqdm.write(line, file=sys.stderr)
+        if not args.quiet:
+            tqdm.write(_progress_line(run), file=sys.stderr)
         save()
     bar.close()
+
+
+def _read_back(bench, stored: dict, result: dict) -> None:
+    """A stored run joins the results; in instruction mode its b_i serve the runs still to come (the untrained
+    model is the same)."""
+    result["runs"].append(stored | {"reused": True})
+    if stored["mode"] == "instruction":
+        for task, value in (stored["metrics"].get("zero_shot") or {}).items():
+            bench.zero_shot.setdefault(task, value)
+
+
+def _progress_line(run: dict) -> str:
+    figures = " ".join(f"{k.upper()} {_f(run[k])}" for k in ("acc", "bwt", "fwt"))
+    return f"{run['method']:14s} {run['mode']:11s} {run['order']:7s} s{run['seed']} {figures}  {run['seconds']:.0f}s"
 
 
 def _f(value) -> str:

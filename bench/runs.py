@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.params import file_stem, method_params
+from bench.params import file_stem, is_joint, method_params
 from moecl.bank import new_model
 from moecl.evaluate import evaluate_bank, evaluate_model
 from moecl.metrics import ContinualMetrics, json_number
@@ -39,6 +39,13 @@ class Bench:
     keep_banks: bool = False
     progress: bool = False
     zero_shot: dict = field(default_factory=dict)  # task -> b_i in instruction mode (see run_continual)
+
+
+def run_one(bench: Bench, method: str, mode: str, order_name: str | None, seed: int) -> dict:
+    """The joint row's run (`order_name` None), or a continual run on the order."""
+    if is_joint(method):
+        return run_joint(bench, method, mode, seed)
+    return run_continual(bench, method, mode, order_name, seed)
 
 
 def _run(what: dict, metrics: dict, steps: list, seconds: float, correct: dict, routing=None) -> dict:
