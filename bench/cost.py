@@ -40,9 +40,8 @@ def _status_mb(key: str) -> float | None:
 
 def ru_maxrss_mb() -> float:
     """The process's peak resident memory over its whole life (kilobytes on Linux, bytes on macOS)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
-        1024 * 1024 if sys.platform == "darwin" else 1024
-    )
+    unit = 1024 * 1024 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / unit
 
 
 def _sync(device: torch.device) -> None:
@@ -118,9 +117,7 @@ def fixed_batches(model, tokenizer, task_id: str, cost: dict, seed: int, method,
     if method.replay_per_task and others:  # +replay: the second half of each batch is earlier tasks' rows,
         for items in task_rows:  # as in the cpu preset's last task (48 replayed rows beside its own 58)
             for k in range(batch_size // 2, batch_size):
-                items[k] = Encoded(
-                    items[k].input_ids, seq_len - 4, items[k].label_index, others[k % len(others)]
-                )
+                items[k].task_id = others[k % len(others)]
     if method.memory_per_task and model.has_discriminator:  # moecl_mem: the memory rows a real step draws
         memory = {t: [row(t).input_ids for _ in range(method.memory_per_task)] for t in others}
         sampler = MemorySampler(memory, task_id, batch_size, seed)

@@ -83,9 +83,7 @@ def file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", lambda m: {"+": ".", "=": "-"}.get(m.group(), "_"), name)
 
 
-def model_config(
-    preset: dict, params_file: str | Path = "params.yaml", base_dir: str | None = None
-) -> ModelConfig:
+def model_config(preset: dict, params_file: str | Path = "params.yaml", base_dir=None) -> ModelConfig:
     """The project's `model:` section (where the backbone comes from) under the preset's model overrides."""
     cfg = load_params(params_file).model if Path(params_file).is_file() else ModelConfig()
     for key, value in {**COMMON["model"], **preset["params"].get("model", {})}.items():

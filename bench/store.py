@@ -17,9 +17,7 @@ from moecl.io import write_json_atomic
 STORE_VERSION = 2
 
 
-def run_key(
-    params: dict, order: list[str], data_hashes: dict[str, str], base_sha256: str, device="cpu"
-) -> str:
+def run_key(params: dict, order: list[str], data_hashes: dict, base_sha256: str, device="cpu") -> str:
     fixed = {k: v for k, v in params.items() if k not in ("registry", "flow", "bench", "drift", "gate")}
     fixed["model"] = {k: v for k, v in (fixed.get("model") or {}).items() if k != "local_dir"}
     # how memory is managed changes no result (moecl.train.allocator)

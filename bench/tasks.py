@@ -36,15 +36,12 @@ def find_mtl5(explicit: str | Path | None = None) -> Path:
     for path in candidates:
         if (path / "agnews" / "train.json").is_file():
             return path
-    raise DataMissing(
-        f"the mtl5 benchmark data is absent (looked in {', '.join(map(str, candidates))}); set MOECL_MTL5 or "
-        "--data to a folder holding <task>/{train,test,labels}.json"
-    )
+    looked = ", ".join(map(str, candidates))
+    hint = "set MOECL_MTL5 or --data to a folder holding <task>/{train,test,labels}.json"
+    raise DataMissing(f"the mtl5 benchmark data is absent (looked in {looked}); {hint}")
 
 
-def load_mtl5(
-    root: Path, names: list[str], per_class: int, test_per_task: int, seed: int, split: str = "test"
-):
+def load_mtl5(root: Path, names: list[str], per_class: int, test_per_task: int, seed: int, split="test"):
     """task -> TaskData; with split "dev" the test records are training records not sampled for training."""
     instructions = dict(_FALLBACK_INSTRUCTION)
     if (root / "instruction_config.json").is_file():
