@@ -179,12 +179,17 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
 
     base, model_cfg, loaded = backbone(preset, tasks_by_mode, args.params, args.base_dir)
     selected = {"methods": methods, "modes": modes, "orders": order_names, "orders_run": orders}
-    selected |= {"split": args.split, "runs_dir": _relative(runs_dir)}
-    result = {"preset": preset["name"], "name": name, "config": preset, "selected": selected}
-    result |= {"command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv), "started": _now()}
-    result |= {"hardware": report.hardware()}
-    result["backbone"] = {"name": base.name, "sha256": base.sha256, **loaded}
-    result["data"] = {mode: data_summary(tasks) for mode, tasks in tasks_by_mode.items()}
+    result = {
+        "preset": preset["name"],
+        "name": name,
+        "config": preset,
+        "selected": selected | {"split": args.split, "runs_dir": _relative(runs_dir)},
+        "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv),
+        "started": _now(),
+        "hardware": report.hardware(),
+        "backbone": {"name": base.name, "sha256": base.sha256, **loaded},
+        "data": {mode: data_summary(tasks) for mode, tasks in tasks_by_mode.items()},
+    }
     result |= {"notes": [], "runs": [], "summary": {}, "paired": {}, "cost": None}
     result |= {"errors": [], "not_run": [], "finished": False}
     references = report.ABLATION_REFERENCES if args.ablation else report.REFERENCES
