@@ -1,7 +1,7 @@
 """The benchmark's output: bench/results/<name>.json (everything) and .md (the tables a reader wants).
 
-The statistics are moecl.metrics' (spread, acc_standard_error, paired_acc_difference, pooled_paired_differences);
-this module pairs the runs and lays out the tables.
+The statistics, and pairing the runs, are moecl.metrics' (summarise_runs, paired_comparisons, instrument_check);
+this module lays out the tables.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from bench.params import label
-from bench.presets import METHODS
 from moecl import metrics
 from moecl.io import write_text_atomic
 from moecl.plots import draw_method_comparison
@@ -43,90 +42,6 @@ def hardware() -> dict:
         info |= {"cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0)}
         info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
     return info
-
-
-def _by_rank(items: dict, methods: list[str] | None) -> list[tuple]:
-    """`items` (row -> value) in the order of `methods` (default the presets' rows), other rows last by name."""
-    order = list(methods or METHODS)
-    return sorted(items.items(), key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
-
-
-def _seed(run: dict) -> int:
-    return run.get("seed", 42)
-
-
-def _run_label(run: dict) -> str:
-    return f"{run['order']}/s{_seed(run)}"
-
-
-def summarise(runs: list[dict], data: dict | None = None, methods: list[str] | None = None) -> dict:
-    """mode -> row -> {acc, bwt, fwt: spread over the row's runs (orders and seeds); acc_se: ACC's test-sampling
-    standard error, mean over runs; orders, runs: "order/seed" of each}. `data`: mode -> task -> {"test": n}
-    (bench.tasks.data_summary). Rows in the order of `methods`."""
-    groups: dict = {}
-    for run in runs:
-        groups.setdefault(run["mode"], {}).setdefault(run["method"], []).append(run)
-    out: dict = {}
-    for mode, by_method in groups.items():
-        sizes = {t: d.get("test") for t, d in ((data or {}).get(mode) or {}).items()}
-        for method, group in _by_rank(by_method, methods):
-            row = {k: metrics.spread([r[k] for r in group]) for k in ("acc", "bwt", "fwt")}
-            se = [metrics.acc_standard_error(r["metrics"].get("per_task"), sizes) for r in group]
-            row |= {"acc_se": metrics.spread(se)["mean"], "orders": [r["order"] for r in group]}
-            out.setdefault(mode, {})[method] = row | {"runs": [_run_label(r) for r in group]}
-    return out
-
-
-def paired_comparisons(runs: list[dict], methods: list[str] | None = None, references=REFERENCES) -> dict:
-    """reference -> mode -> other row -> ACC(reference) - ACC(other), paired record by record.
-
-    Each reference run pairs with the other row's run of the same order and seed (the joint `mtl` run with every
-    order; a reference run whose seed the other row lacks is left unpaired): the difference (spread over the
-    pairs), its paired standard error (mean over pairs) and the records only one side got right, summed.
-    References: those of `references` that were run, else the first moecl row there is. Runs without per-record
-    correctness are left out."""
-    marked = [r for r in runs if r.get("correct")]
-    present = {r["method"] for r in marked}
-    firsts = [m for m in (methods or sorted(present)) if m in present and m.startswith("moecl")][:1]
-    out: dict = {}
-    for reference in [m for m in references if m in present] or firsts:
-        table: dict = {}
-        for ref in (r for r in marked if r["method"] == reference):
-            for other in sorted(present - {reference}):
-                partner = next((r for r in marked if r["method"] == other and _pairs_with(ref, r)), None)
-                if partner:
-                    pair = metrics.paired_acc_difference(ref["correct"], partner["correct"])
-                    table.setdefault(ref["mode"], {}).setdefault(other, []).append((_run_label(ref), pair))
-        ranked = {mode: _by_rank(others, methods) for mode, others in table.items()}
-        out[reference] = {
-            mode: {o: metrics.pooled_paired_differences(p) for o, p in r} for mode, r in ranked.items()
-        }
-    return out
-
-
-def _pairs_with(ref: dict, run: dict) -> bool:
-    """Same mode, order (or a joint run) and seed: another seed's run would mix training-seed noise in."""
-    return run["mode"] == ref["mode"] and run["order"] in (ref["order"], "joint") and _seed(run) == _seed(ref)
-
-
-def instrument_check(runs: list[dict], upper: str = "mtl", lower: str = "seq_lora") -> dict:
-    """Can the benchmark see a gap as large as the one the method claims? mode -> ACC(mtl) - ACC(seq_lora),
-    paired on the same records: the first seed's pair (diff, paired standard error, ratio) and, where more
-    seeds ran both rows, their mean over seeds (moecl.metrics.mean_paired_difference)."""
-    out = {}
-    for mode in sorted({r["mode"] for r in runs}):
-        by_seed: dict = {}
-        for r in runs:
-            if r["mode"] == mode and r.get("correct") and r["method"] in (upper, lower):
-                by_seed.setdefault(_seed(r), {}).setdefault(r["method"], r)
-        both = [b for b in by_seed.values() if len(b) == 2]
-        pairs = [metrics.paired_acc_difference(b[upper]["correct"], b[lower]["correct"]) for b in both]
-        if pairs:
-            first = pairs[0]
-            ratio = first.diff / first.se if first.se else None
-            out[mode] = {"diff": first.diff, "se": first.se, "ratio": ratio}
-            out[mode]["over_runs"] = metrics.mean_paired_difference(pairs)
-    return out
 
 
 def write_results(out_dir: Path, name: str, result: dict) -> tuple[Path, Path]:
@@ -244,13 +159,14 @@ def _acc_by_run(runs: list[dict], mode: str, rows: dict) -> list[str]:
     """Where a row has several runs: each run's ACC in its own column (order/seed); the joint row's run stands
     in every column of its seed."""
     runs = [r for r in runs if r["mode"] == mode]
-    columns = sorted({_run_label(r) for r in runs if r["order"] != "joint"})
+    columns = sorted({metrics.run_label(r) for r in runs if r["order"] != "joint"})
     if len(columns) < 2 or not any(len(s["runs"]) > 1 for s in rows.values()):
         return []
     acc = {}
     for r in runs:
+        seed = f"/s{r.get('seed', 42)}"
         for column in columns:
-            if _run_label(r) == column or (r["order"] == "joint" and column.endswith(f"/s{_seed(r)}")):
+            if metrics.run_label(r) == column or (r["order"] == "joint" and column.endswith(seed)):
                 acc[r["method"], column] = r["acc"]
     cells = [[label(m)] + [acc.get((m, column)) for column in columns] for m in rows]
     return ["ACC of each run:", ""] + _table(["method"] + columns, cells)
@@ -289,7 +205,7 @@ def _paired_row(other: str, c: dict) -> list:
 
 
 def _run_title(run: dict) -> str:
-    return f"{label(run['method'])} · {run['mode']} · {_run_label(run)}"
+    return f"{label(run['method'])} · {run['mode']} · {metrics.run_label(run)}"
 
 
 def _gate(routed: list[dict]) -> list[str]:

@@ -147,6 +147,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     from bench import report
     from bench.runs import Bench
     from bench.tasks import DataMissing, data_summary, load_tasks
+    from moecl import metrics
 
     started_wall = time.perf_counter()
     preset, resized_run = _preset(args)
@@ -198,9 +199,10 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         if cost is not None:
             result["cost"] = cost
         result["wall_seconds"] = round(time.perf_counter() - started_wall, 1)
-        result["summary"] = report.summarise(result["runs"], result["data"], shown)
-        result["paired"] = report.paired_comparisons(result["runs"], shown, references)
-        result["instrument"] = report.instrument_check(result["runs"])
+        sizes = {mode: {t: d["test"] for t, d in tasks.items()} for mode, tasks in result["data"].items()}
+        result["summary"] = metrics.summarise_runs(result["runs"], sizes, shown)
+        result["paired"] = metrics.paired_comparisons(result["runs"], shown, references)
+        result["instrument"] = metrics.instrument_check(result["runs"])
         return report.write_results(Path(args.out), name, result)
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="moecl-bench-"))

@@ -300,3 +300,97 @@ def stripping_rate(
     positive = label_stripping_rate(scores, is_positive, precision_target)
     negative = label_stripping_rate([1.0 - s for s in scores], [not p for p in is_positive], precision_target)
     return positive + negative
+
+
+# Comparing runs. A run is a dict as the benchmark stores one (bench/runs.py): "method" (the row), "mode", "order"
+# ("joint" for one run on every task at once), "seed" (42 where absent), "acc", "bwt", "fwt", "metrics"
+# (ContinualMetrics.as_dict()) and "correct" (task -> the final model's per-record marks, `correctness`).
+
+
+def run_label(run: Mapping[str, Any]) -> str:
+    """`order/seed` of a run, e.g. `order1/s42`: how the comparisons name a pair of runs."""
+    return f"{run['order']}/s{run.get('seed', 42)}"
+
+
+def _ranked(items: Mapping[str, Any], rows: Sequence[str] | None) -> list[tuple[str, Any]]:
+    """`items` (row -> value) in the order of `rows`, the rest last by name."""
+    rank = list(rows or ())
+    return sorted(items.items(), key=lambda kv: (rank.index(kv[0]) if kv[0] in rank else len(rank), kv[0]))
+
+
+def summarise_runs(
+    runs: Sequence[Mapping[str, Any]], test_sizes: Mapping[str, Mapping[str, int]] | None = None, rows=None
+) -> dict[str, dict[str, Any]]:
+    """mode -> row -> {acc, bwt, fwt: `spread` over the row's runs (orders and seeds); acc_se: ACC's test-sampling
+    standard error (`acc_standard_error`), mean over the runs; orders, runs: each run's order and `run_label`}.
+    `test_sizes`: mode -> task -> test records; rows in the order of `rows`."""
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(run["mode"], {}).setdefault(run["method"], []).append(run)
+    out: dict = {}
+    for mode, by_row in groups.items():
+        sizes = (test_sizes or {}).get(mode) or {}
+        for row, group in _ranked(by_row, rows):
+            summary = {k: spread([r[k] for r in group]) for k in ("acc", "bwt", "fwt")}
+            se = [acc_standard_error(r["metrics"].get("per_task"), sizes) for r in group]
+            summary |= {"acc_se": spread(se)["mean"], "orders": [r["order"] for r in group]}
+            out.setdefault(mode, {})[row] = summary | {"runs": [run_label(r) for r in group]}
+    return out
+
+
+def _pairs_with(ref: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
+    """Same mode, order (or a joint run) and seed: another seed's run would mix training-seed noise in."""
+    same_seed = run.get("seed", 42) == ref.get("seed", 42)
+    return run["mode"] == ref["mode"] and run["order"] in (ref["order"], "joint") and same_seed
+
+
+def paired_comparisons(runs: Sequence[Mapping[str, Any]], rows=None, references=()) -> dict[str, Any]:
+    """reference row -> mode -> other row -> ACC(reference) - ACC(other), paired record by record.
+
+    Each reference run pairs with the other row's run of the same order and seed (a joint run with every order;
+    a reference run whose seed the other row lacks stays unpaired), pooled by `pooled_paired_differences`.
+    References: those of `references` that ran, else the first row of `rows` (else by name) starting "moecl".
+    Runs without per-record marks are left out."""
+    marked = [r for r in runs if r.get("correct")]
+    present = {r["method"] for r in marked}
+    firsts = [m for m in (rows or sorted(present)) if m in present and m.startswith("moecl")][:1]
+    out: dict = {}
+    for reference in [m for m in references if m in present] or firsts:
+        table: dict = {}
+        for ref in (r for r in marked if r["method"] == reference):
+            for other in sorted(present - {reference}):
+                partner = next((r for r in marked if r["method"] == other and _pairs_with(ref, r)), None)
+                if partner:
+                    pair = paired_acc_difference(ref["correct"], partner["correct"])
+                    table.setdefault(ref["mode"], {}).setdefault(other, []).append((run_label(ref), pair))
+        out[reference] = {
+            mode: {o: pooled_paired_differences(p) for o, p in _ranked(others, rows)}
+            for mode, others in table.items()
+        }
+    return out
+
+
+def instrument_check(runs: Sequence[Mapping[str, Any]], upper: str = "mtl", lower: str = "seq_lora") -> dict:
+    """Can a benchmark see a gap as large as the one a method claims? mode -> ACC(upper) - ACC(lower), paired on
+    the same records: the first seed's pair (diff, paired standard error, ratio) and, where more seeds ran both
+    rows, their mean over seeds (`mean_paired_difference`)."""
+    out = {}
+    for mode in sorted({r["mode"] for r in runs}):
+        by_seed: dict = {}
+        for r in runs:
+            if r["mode"] == mode and r.get("correct") and r["method"] in (upper, lower):
+                by_seed.setdefault(r.get("seed", 42), {}).setdefault(r["method"], r)
+        pairs = [
+            paired_acc_difference(b[upper]["correct"], b[lower]["correct"])
+            for b in by_seed.values()
+            if len(b) == 2
+        ]
+        if pairs:
+            first = pairs[0]
+            out[mode] = {
+                "diff": first.diff,
+                "se": first.se,
+                "ratio": first.diff / first.se if first.se else None,
+            }
+            out[mode]["over_runs"] = mean_paired_difference(pairs)
+    return out

@@ -394,61 +394,6 @@ def test_presets_build_valid_params_for_every_row() -> None:
     assert knob.shared_lr_scale == 0.1 and not knob.paper and knob.gate_bias == 0.0  # the paper plus one knob
 
 
-def test_paired_tables_pair_runs_of_the_same_seed_only() -> None:
-    from bench.report import paired_comparisons
-
-    def run(method, seed, marks):
-        return {
-            "method": method,
-            "mode": "instruction",
-            "order": "order1",
-            "seed": seed,
-            "correct": {"t": marks},
-        }
-
-    runs = [
-        run("moecl", 42, "1100"),
-        run("moecl", 43, "0000"),
-        run("seq_lora", 42, "1000"),  # seq_lora has no seed-43 run: moecl's seed 43 stays unpaired
-        run("o_lora", 42, "0000"),
-        run("o_lora", 43, "1111"),
-    ]
-    table = paired_comparisons(runs)["moecl"]["instruction"]
-    assert table["seq_lora"]["records"] == 4 and table["seq_lora"]["diff"]["mean"] == 0.25
-    assert table["o_lora"]["records"] == 8 and table["o_lora"]["diff"]["mean"] == (0.5 - 1.0) / 2
-    # each pair of runs keeps its own figure: what a table of the seeds side by side reads
-    assert {o: d["diff"] for o, d in table["o_lora"]["by_run"].items()} == {
-        "order1/s42": 0.5,
-        "order1/s43": -1.0,
-    }
-    assert list(table["seq_lora"]["by_run"]) == ["order1/s42"]
-
-
-def test_the_instrument_check_pairs_mtl_with_seq_lora_seed_by_seed() -> None:
-    from bench.report import instrument_check
-
-    def run(method, seed, marks):
-        order = "joint" if method == "mtl" else "order1"
-        return {
-            "method": method,
-            "mode": "instruction",
-            "order": order,
-            "seed": seed,
-            "correct": {"t": marks},
-        }
-
-    runs = [
-        run("mtl", 42, "1110"),
-        run("seq_lora", 42, "1000"),
-        run("seq_lora", 43, "0000"),
-        run("mtl", 43, "1111"),
-        run("mtl", 44, "1111"),  # seq_lora has no seed-44 run: left unpaired
-    ]
-    check = instrument_check(runs)["instruction"]
-    assert check["diff"] == 0.5  # the first seed's pair
-    assert check["over_runs"]["n"] == 2 and check["over_runs"]["mean"] == (0.5 + 1.0) / 2
-
-
 def test_an_ablation_pairs_every_knob_with_the_papers_setting(tmp_path) -> None:
     from bench.run import main
 

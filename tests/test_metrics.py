@@ -208,3 +208,97 @@ def test_spread_is_mean_sample_std_and_range():
     )
     assert spread([0.25]) == {"mean": 0.25, "std": None, "min": 0.25, "max": 0.25, "n": 1}
     assert spread([None]) == {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+
+
+def test_paired_tables_pair_runs_of_the_same_seed_only() -> None:
+    from moecl.metrics import paired_comparisons
+
+    def run(method, seed, marks):
+        return {
+            "method": method,
+            "mode": "instruction",
+            "order": "order1",
+            "seed": seed,
+            "correct": {"t": marks},
+        }
+
+    runs = [
+        run("moecl", 42, "1100"),
+        run("moecl", 43, "0000"),
+        run("seq_lora", 42, "1000"),  # seq_lora has no seed-43 run: moecl's seed 43 stays unpaired
+        run("o_lora", 42, "0000"),
+        run("o_lora", 43, "1111"),
+    ]
+    table = paired_comparisons(runs, references=["moecl"])["moecl"]["instruction"]
+    assert table["seq_lora"]["records"] == 4 and table["seq_lora"]["diff"]["mean"] == 0.25
+    assert table["o_lora"]["records"] == 8 and table["o_lora"]["diff"]["mean"] == (0.5 - 1.0) / 2
+    # each pair of runs keeps its own figure: what a table of the seeds side by side reads
+    assert {o: d["diff"] for o, d in table["o_lora"]["by_run"].items()} == {
+        "order1/s42": 0.5,
+        "order1/s43": -1.0,
+    }
+    assert list(table["seq_lora"]["by_run"]) == ["order1/s42"]
+
+
+def test_the_instrument_check_pairs_mtl_with_seq_lora_seed_by_seed() -> None:
+    from moecl.metrics import instrument_check
+
+    def run(method, seed, marks):
+        order = "joint" if method == "mtl" else "order1"
+        return {
+            "method": method,
+            "mode": "instruction",
+            "order": order,
+            "seed": seed,
+            "correct": {"t": marks},
+        }
+
+    runs = [
+        run("mtl", 42, "1110"),
+        run("seq_lora", 42, "1000"),
+        run("seq_lora", 43, "0000"),
+        run("mtl", 43, "1111"),
+        run("mtl", 44, "1111"),  # seq_lora has no seed-44 run: left unpaired
+    ]
+    check = instrument_check(runs)["instruction"]
+    assert check["diff"] == 0.5  # the first seed's pair
+    assert check["over_runs"]["n"] == 2 and check["over_runs"]["mean"] == (0.5 + 1.0) / 2
+
+
+def test_summarise_runs_spreads_each_rows_runs_and_keeps_the_rows_order() -> None:
+    from moecl.metrics import summarise_runs
+
+    def run(method, order, seed, acc):
+        metrics = {"per_task": {"t": acc}}
+        return {"method": method, "mode": "instruction", "order": order, "seed": seed, "metrics": metrics} | {
+            "acc": acc,
+            "bwt": -acc / 10,
+            "fwt": None,
+        }
+
+    runs = [run("a", "order1", 42, 0.5), run("b", "order1", 42, 0.9), run("a", "order2", 43, 0.7)]
+    summary = summarise_runs(runs, {"instruction": {"t": 100}}, rows=["b", "a"])["instruction"]
+    assert list(summary) == ["b", "a"]
+    a = summary["a"]
+    assert a["acc"]["mean"] == pytest.approx(0.6) and a["acc"]["std"] == pytest.approx(
+        math.sqrt(0.02), abs=1e-6
+    )
+    assert a["bwt"]["mean"] == pytest.approx(-0.06) and a["fwt"]["n"] == 0
+    # ACC's test-sampling s.e. per run: sqrt(p (1 - p) / n) over one task, then the mean over the runs
+    assert a["acc_se"] == pytest.approx((math.sqrt(0.25 / 100) + math.sqrt(0.21 / 100)) / 2, abs=1e-6)
+    assert a["runs"] == ["order1/s42", "order2/s43"] and a["orders"] == ["order1", "order2"]
+    assert summarise_runs(runs)["instruction"]["a"]["acc_se"] is None  # test sizes unknown: no figure
+
+
+def test_a_joint_run_pairs_with_the_reference_on_every_order() -> None:
+    from moecl.metrics import paired_comparisons
+
+    def run(method, order, marks):
+        return {"method": method, "mode": "instruction", "order": order, "seed": 42, "correct": {"t": marks}}
+
+    runs = [run("moecl", "order1", "1100"), run("moecl", "order2", "1110"), run("mtl", "joint", "1000")]
+    table = paired_comparisons(runs, references=["moecl"])["moecl"]["instruction"]["mtl"]
+    assert table["by_run"] == {
+        "order1/s42": {"diff": 0.25, "se": pytest.approx(0.25)},
+        "order2/s42": {"diff": 0.5, "se": pytest.approx(0.2886751, abs=1e-6)},
+    }
