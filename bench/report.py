@@ -1,7 +1,7 @@
 """The benchmark's output: bench/results/<name>.json (everything) and .md (the tables a reader wants).
 
 The statistics, and pairing the runs, are moecl.metrics' (summarise_runs, paired_comparisons, instrument_check);
-this module lays out the tables.
+this module chooses the reference rows and lays out the tables.
 """
 
 from __future__ import annotations
@@ -24,6 +24,14 @@ from moecl.routing import format_share
 # ablation (one knob at a time on the paper's setting) the paper's setting, then the best.
 REFERENCES = ("moecl", "moecl+replay")
 ABLATION_REFERENCES = ("moecl_paper", "moecl")
+
+
+def references(runs: list[dict], shown: list[str], ablation: bool = False) -> list[str]:
+    """The rows the paired tables compare with every other: those of REFERENCES (ABLATION_REFERENCES) that ran
+    with per-record marks, else the first moecl row of `shown` that did."""
+    ran = [m for m in shown if any(r["method"] == m and r.get("correct") for r in runs)]
+    wanted = [m for m in (ABLATION_REFERENCES if ablation else REFERENCES) if m in ran]
+    return wanted or [m for m in ran if m.startswith("moecl")][:1]
 
 
 def hardware() -> dict:
@@ -164,7 +172,7 @@ def _acc_by_run(runs: list[dict], mode: str, rows: dict) -> list[str]:
         return []
     acc = {}
     for r in runs:
-        seed = f"/s{r.get('seed', 42)}"
+        seed = f"/s{metrics.run_seed(r)}"
         for column in columns:
             if metrics.run_label(r) == column or (r["order"] == "joint" and column.endswith(seed)):
                 acc[r["method"], column] = r["acc"]

@@ -193,15 +193,15 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     }
     result |= {"notes": [], "runs": [], "summary": {}, "paired": {}, "cost": None}
     result |= {"errors": [], "not_run": [], "finished": False}
-    references = report.ABLATION_REFERENCES if args.ablation else report.REFERENCES
+    test_sizes = {mode: {t: d["test"] for t, d in tasks.items()} for mode, tasks in result["data"].items()}
 
     def save(cost: dict | None = None):
         if cost is not None:
             result["cost"] = cost
         result["wall_seconds"] = round(time.perf_counter() - started_wall, 1)
-        sizes = {mode: {t: d["test"] for t, d in tasks.items()} for mode, tasks in result["data"].items()}
-        result["summary"] = metrics.summarise_runs(result["runs"], sizes, shown)
-        result["paired"] = metrics.paired_comparisons(result["runs"], shown, references)
+        result["summary"] = metrics.summarise_runs(result["runs"], test_sizes, shown)
+        references = report.references(result["runs"], shown, args.ablation)
+        result["paired"] = metrics.paired_comparisons(result["runs"], references, shown)
         result["instrument"] = metrics.instrument_check(result["runs"])
         return report.write_results(Path(args.out), name, result)
 

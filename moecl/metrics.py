@@ -307,9 +307,14 @@ def stripping_rate(
 # (ContinualMetrics.as_dict()) and "correct" (task -> the final model's per-record marks, `correctness`).
 
 
+def run_seed(run: Mapping[str, Any]) -> int:
+    """A run's training seed (42 for runs stored before the seed was recorded)."""
+    return run.get("seed", 42)
+
+
 def run_label(run: Mapping[str, Any]) -> str:
     """`order/seed` of a run, e.g. `order1/s42`: how the comparisons name a pair of runs."""
-    return f"{run['order']}/s{run.get('seed', 42)}"
+    return f"{run['order']}/s{run_seed(run)}"
 
 
 def _ranked(items: Mapping[str, Any], rows: Sequence[str] | None) -> list[tuple[str, Any]]:
@@ -340,22 +345,23 @@ def summarise_runs(
 
 def _pairs_with(ref: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
     """Same mode, order (or a joint run) and seed: another seed's run would mix training-seed noise in."""
-    same_seed = run.get("seed", 42) == ref.get("seed", 42)
-    return run["mode"] == ref["mode"] and run["order"] in (ref["order"], "joint") and same_seed
+    same_order = run["order"] in (ref["order"], "joint")
+    return run["mode"] == ref["mode"] and same_order and run_seed(run) == run_seed(ref)
 
 
-def paired_comparisons(runs: Sequence[Mapping[str, Any]], rows=None, references=()) -> dict[str, Any]:
-    """reference row -> mode -> other row -> ACC(reference) - ACC(other), paired record by record.
+def paired_comparisons(
+    runs: Sequence[Mapping[str, Any]], references: Sequence[str], rows=None
+) -> dict[str, Any]:
+    """reference row -> mode -> other row -> ACC(reference) - ACC(other), paired record by record, for each of
+    `references` that ran; other rows in the order of `rows`.
 
     Each reference run pairs with the other row's run of the same order and seed (a joint run with every order;
     a reference run whose seed the other row lacks stays unpaired), pooled by `pooled_paired_differences`.
-    References: those of `references` that ran, else the first row of `rows` (else by name) starting "moecl".
     Runs without per-record marks are left out."""
     marked = [r for r in runs if r.get("correct")]
     present = {r["method"] for r in marked}
-    firsts = [m for m in (rows or sorted(present)) if m in present and m.startswith("moecl")][:1]
     out: dict = {}
-    for reference in [m for m in references if m in present] or firsts:
+    for reference in [m for m in references if m in present]:
         table: dict = {}
         for ref in (r for r in marked if r["method"] == reference):
             for other in sorted(present - {reference}):
@@ -379,7 +385,7 @@ def instrument_check(runs: Sequence[Mapping[str, Any]], upper: str = "mtl", lowe
         by_seed: dict = {}
         for r in runs:
             if r["mode"] == mode and r.get("correct") and r["method"] in (upper, lower):
-                by_seed.setdefault(r.get("seed", 42), {}).setdefault(r["method"], r)
+                by_seed.setdefault(run_seed(r), {}).setdefault(r["method"], r)
         pairs = [
             paired_acc_difference(b[upper]["correct"], b[lower]["correct"])
             for b in by_seed.values()

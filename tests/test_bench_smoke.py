@@ -406,3 +406,20 @@ def test_an_ablation_pairs_every_knob_with_the_papers_setting(tmp_path) -> None:
     assert (
         "## moecl (paper) against each row, record by record" in (tmp_path / "smoke-ablation.md").read_text()
     )
+
+
+def test_the_paired_tables_reference_the_best_rows_that_ran_else_the_first_moecl_row() -> None:
+    from bench.report import references
+
+    def run(method, correct=True):
+        return {"method": method, "correct": {"t": "1"} if correct else {}}
+
+    shown = ["seq_lora", "moecl_paper", "moecl", "moecl+replay"]
+    runs = [run("seq_lora"), run("moecl_paper"), run("moecl"), run("moecl+replay")]
+    assert references(runs, shown) == ["moecl", "moecl+replay"]
+    assert references(runs, shown, ablation=True) == ["moecl_paper", "moecl"]
+    # neither best row ran (or ran without per-record marks): the first moecl row in the table's order
+    assert references([run("seq_lora"), run("moecl_paper"), run("moecl", correct=False)], shown) == [
+        "moecl_paper"
+    ]
+    assert references([run("seq_lora")], shown) == []

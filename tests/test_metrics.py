@@ -229,7 +229,7 @@ def test_paired_tables_pair_runs_of_the_same_seed_only() -> None:
         run("o_lora", 42, "0000"),
         run("o_lora", 43, "1111"),
     ]
-    table = paired_comparisons(runs, references=["moecl"])["moecl"]["instruction"]
+    table = paired_comparisons(runs, ["moecl"])["moecl"]["instruction"]
     assert table["seq_lora"]["records"] == 4 and table["seq_lora"]["diff"]["mean"] == 0.25
     assert table["o_lora"]["records"] == 8 and table["o_lora"]["diff"]["mean"] == (0.5 - 1.0) / 2
     # each pair of runs keeps its own figure: what a table of the seeds side by side reads
@@ -297,7 +297,7 @@ def test_a_joint_run_pairs_with_the_reference_on_every_order() -> None:
         return {"method": method, "mode": "instruction", "order": order, "seed": 42, "correct": {"t": marks}}
 
     runs = [run("moecl", "order1", "1100"), run("moecl", "order2", "1110"), run("mtl", "joint", "1000")]
-    table = paired_comparisons(runs, references=["moecl"])["moecl"]["instruction"]["mtl"]
+    table = paired_comparisons(runs, ["moecl"])["moecl"]["instruction"]["mtl"]
     assert table["by_run"] == {
         "order1/s42": {"diff": 0.25, "se": pytest.approx(0.25)},
         "order2/s42": {"diff": 0.5, "se": pytest.approx(0.2886751, abs=1e-6)},
