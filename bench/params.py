@@ -1,4 +1,5 @@
-"""The benchmark's rows ("variants") and the moecl Params of each: presets' overrides on the library's defaults.
+"""The benchmark's presets (plain data in bench/presets.yaml), its rows ("variants"), and the moecl Params of each
+row: the presets' overrides on the library's defaults. CLI flags select from a preset or resize it (`resized`).
 
 A variant name is a base, optionally followed by knobs: `moecl_paper+gate_bias+task_gates`, `seq_lora+replay`,
 `moecl_paper+shared_lr=0.1`. Bases:
@@ -14,12 +15,38 @@ base that has what they change, so `o_lora+replay` and `moecl+replay` are fair p
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from pathlib import Path
 
-from bench.presets import COMMON
+import yaml
+
 from moecl.config import PAPER_SETTING, ModelConfig, Params, load_params, params_from_dict
+
+_FILE = yaml.safe_load((Path(__file__).resolve().parent / "presets.yaml").read_text(encoding="utf-8"))
+COMMON, DEFAULTS, PRESETS = _FILE["common"], _FILE["defaults"], _FILE["presets"]
+METHODS, SYNTHETIC_TASKS = tuple(DEFAULTS["methods"]), _FILE["synthetic_tasks"]
+
+
+def get_preset(name: str) -> dict:
+    """The preset with its defaults filled in (a copy: the caller may change it)."""
+    if name not in PRESETS:
+        raise SystemExit(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    preset = {"name": name, **copy.deepcopy(DEFAULTS), **copy.deepcopy(PRESETS[name])}
+    preset["cost"] = {**DEFAULTS["cost"], **preset["cost"]}
+    return preset
+
+
+def resized(preset: dict, **sizes) -> dict:
+    """The preset with `sizes` changed in every mode (CLI flags; None: unchanged): per_class and test_per_task
+    (the data sample), epochs and max_length (Params train)."""
+    for mode in preset["modes"].values():
+        for key, value in sizes.items():
+            if value is not None:
+                (mode if key in ("per_class", "test_per_task") else mode["train"])[key] = value
+    return preset
+
 
 BASES = {b: {"name": b, **PAPER_SETTING} for b in ("seq_lora", "per_task_lora", "o_lora", "moecl_nogan")}
 BASES |= {  # base -> method params over the library's defaults

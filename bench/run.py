@@ -2,7 +2,7 @@
 
 Runs the cost micro-benchmarks, then every selected row ("method": a variant, bench/params.py) in every
 selected mode, task order and seed, and writes bench/results/<name>.json and .md. Each finished run is also
-kept in its own file (bench/results/runs/<preset>[-dev]/, bench/store.py): a rerun with the same settings
+kept in its own file (bench/results/runs/<preset>[-dev]/, bench/runs.py): a rerun with the same settings
 reuses it, so a long benchmark is built over several sessions, and the results files aggregate every run
 there is (a run of a few rows or seeds reads back the stored runs of the preset's other rows and seeds too).
 <name> is the preset's name (<preset>-ablation with --ablation, <preset>-dev with --split dev), or
@@ -25,8 +25,16 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from bench.params import file_stem, is_joint, method_params, model_config, parse_variant
-from bench.presets import METHODS, get_preset, resized
+from bench.params import (
+    METHODS,
+    file_stem,
+    get_preset,
+    is_joint,
+    method_params,
+    model_config,
+    parse_variant,
+    resized,
+)
 from moecl.model.base import BaseSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -288,8 +296,7 @@ def _run_costs(bench, methods: list[str], result: dict, save, quiet: bool) -> No
 
 def _run_accuracy(bench, plan, stored_only: set, result, save, runs_dir: Path, args, deadline) -> None:
     """Run (or read back) every run of `plan`; those in `stored_only` are read back where stored, else left out."""
-    from bench.runs import run_one
-    from bench.store import load_run, run_key, run_path, save_run
+    from bench.runs import load_run, run_key, run_one, run_path, save_run
 
     preset, base = bench.preset, bench.base
     bar = tqdm(plan, desc=f"bench {preset['name']}", disable=args.quiet, file=sys.stderr)

@@ -1,5 +1,9 @@
-"""One benchmark run, through the library's own step, training loop and evaluation; each returns what its run
-file stores.
+"""One benchmark run, through the library's own step, training loop and evaluation, and its own result file, so
+that a benchmark resumes where it stopped.
+
+bench/results/runs/<preset>[-dev]/<row>.<mode>.<order>.s<seed>.json holds one run (what `run_one` returns) and
+the key of everything that decides its outcome: the run's Params, the task order, the data's content hashes, the
+backbone's sha256 and STORE_VERSION (bump it when a code change alters what a run computes).
 
 A continual run (row x mode x order) is one `run_step` per task from the previous bank; each new bank is
 evaluated with `evaluate_bank` on only the cells the metrics read: the task just learned (R[i][i]) after each
@@ -10,6 +14,8 @@ step, every task after the last step. The step itself scores R[i-1][i] and b_i f
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import shutil
 import sys
 import time
@@ -18,12 +24,16 @@ from pathlib import Path
 
 from bench.params import file_stem, is_joint, method_params
 from moecl.bank import new_model
+from moecl.config import PAPER_SETTING
 from moecl.evaluate import evaluate_bank, evaluate_model
+from moecl.io import write_json_atomic
 from moecl.metrics import ContinualMetrics, json_number
 from moecl.model.moecl_model import TaskInfo
 from moecl.routing import bank_routing
 from moecl.train.loop import fit, task_items
 from moecl.train.step import run_step, seed_everything
+
+STORE_VERSION = 2
 
 
 @dataclass
@@ -136,3 +146,37 @@ def run_joint(bench: Bench, method: str, mode: str, seed: int) -> dict:
     info |= {"step_seconds": round(t_train, 2), "eval_seconds": round(seconds - t_train, 2)}
     what = {"method": method, "mode": mode, "order": "joint", "seed": params.train.seed, "tasks": names}
     return _run(what, metrics, [info], seconds, evaluation.correct)
+
+
+def run_key(params: dict, order: list[str], data_hashes: dict, base_sha256: str, device="cpu") -> str:
+    fixed = {k: v for k, v in params.items() if k not in ("registry", "flow", "bench", "drift", "gate")}
+    fixed["model"] = {k: v for k, v in (fixed.get("model") or {}).items() if k != "local_dir"}
+    # how memory is managed changes no result (moecl.train.allocator)
+    fixed["train"] = {k: v for k, v in (fixed.get("train") or {}).items() if k != "keep_freed_memory"}
+    # knobs at the paper's value are left out: a knob added later (at that value by default) keeps the old keys
+    method = (fixed.get("method") or {}).items()
+    fixed["method"] = {
+        k: v for k, v in method if k != "paper" and not (k in PAPER_SETTING and v == PAPER_SETTING[k])
+    }
+    payload = {"version": STORE_VERSION, "params": fixed, "order": list(order), "base": base_sha256}
+    payload["data"] = dict(sorted(data_hashes.items()))
+    if device != "cpu":  # (cpu runs stored before the device was part of the key keep their key)
+        payload["device"] = device
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_path(runs_dir: Path, stem: str, mode: str, order: str, seed: int) -> Path:
+    return Path(runs_dir) / f"{stem}.{mode}.{order}.s{seed}.json"
+
+
+def load_run(path: Path, key: str) -> dict | None:
+    """The stored run at `path` if its key is `key` (same settings), else None."""
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return stored.get("run") if stored.get("key") == key else None
+
+
+def save_run(path: Path, key: str, run: dict, context: dict) -> None:
+    write_json_atomic(path, {"key": key, "context": context, "run": run})

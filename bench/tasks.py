@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from bench.presets import SYNTHETIC_TASKS
+from bench.params import SYNTHETIC_TASKS
 from moecl.data.importers import read_benchmark, stratified_sample
 from moecl.data.task import TaskData
 from moecl.testing import make_task

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from bench import report
-from bench.params import file_stem, method_params, model_config
-from bench.presets import get_preset
-from bench.store import run_key
+from bench.params import file_stem, get_preset, method_params, model_config
+from bench.runs import run_key
 from moecl import metrics
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.params import parse_variant
-from bench.presets import PRESETS
+from bench.params import PRESETS, parse_variant
 
 METHODS = PRESETS["smoke"]["methods"]
 
@@ -174,7 +173,7 @@ def test_cost_batches_of_a_replaying_method_carry_earlier_tasks_rows(tiny_base) 
     """A +replay step trains on rows of earlier tasks too (routed to their own experts): its timed batches must
     hold them, or the cost table would time the cheap single-task step."""
     from bench.cost import Stepper
-    from bench.presets import get_preset
+    from bench.params import get_preset
 
     preset = get_preset("smoke")
     tasks = {
@@ -340,8 +339,7 @@ def test_dev_split_scores_on_training_records_the_run_does_not_train_on(tmp_path
 
 
 def test_presets_build_valid_params_for_every_row() -> None:
-    from bench.params import method_params
-    from bench.presets import get_preset
+    from bench.params import get_preset, method_params
 
     for name in PRESETS:
         preset = get_preset(name)
