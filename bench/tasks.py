@@ -6,23 +6,16 @@ stratified sample of the preset's size. The data is never copied into the projec
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 from bench.params import SYNTHETIC_TASKS
-from moecl.data.importers import read_benchmark, stratified_sample
+from moecl.data import importers
 from moecl.data.task import TaskData
 from moecl.testing import make_task
 
 _REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MTL5 = (_REPO.parent / "shared" / "data" / "mtl5", _REPO / "shared" / "data" / "mtl5")
-# O-LoRA's instruction family of each task (mtl5/instruction_config.json): topic or sentiment.
-TASK_FAMILY = {"agnews": "TC", "dbpedia": "TC", "yahoo": "TC", "amazon": "SC", "yelp": "SC"}
-_FALLBACK_INSTRUCTION = {
-    "TC": "What is the topic of the following paragraph? Choose one from the option.",
-    "SC": "What is the sentiment of the following paragraph? Choose one from the option.",
-}
 
 
 class DataMissing(RuntimeError):
@@ -43,23 +36,18 @@ def find_mtl5(explicit: str | Path | None = None) -> Path:
 
 def load_mtl5(root: Path, names: list[str], per_class: int, test_per_task: int, seed: int, split="test"):
     """task -> TaskData; with split "dev" the test records are training records not sampled for training."""
-    instructions = dict(_FALLBACK_INSTRUCTION)
-    if (root / "instruction_config.json").is_file():
-        for family, entries in json.loads((root / "instruction_config.json").read_text("utf-8")).items():
-            if entries and entries[0].get("instruction"):
-                instructions[family] = entries[0]["instruction"].strip()
     tasks = {}
     for name in names:
         folder = root / name
         if not folder.is_dir():
             raise DataMissing(f"{folder}: task {name!r} is absent from the benchmark data")
-        train, test, labels = read_benchmark(folder)
-        sampled = stratified_sample(train, labels, per_class, 0, seed, "bench-train")
+        train, test, labels = importers.read_benchmark(folder)
+        sampled = importers.stratified_sample(train, labels, per_class, 0, seed, "bench-train")
         if split == "dev":
             taken = {(r.text, r.label) for r in sampled}
             test = [r for r in train if (r.text, r.label) not in taken]
-        evaluated = stratified_sample(test, labels, 0, test_per_task, seed, f"bench-{split}")
-        instruction = instructions[TASK_FAMILY.get(name, "TC")]
+        evaluated = importers.stratified_sample(test, labels, 0, test_per_task, seed, f"bench-{split}")
+        instruction = importers.benchmark_instruction(folder) or importers.BENCHMARK_INSTRUCTION["TC"]
         tasks[name] = TaskData(name, labels, sampled, evaluated, instruction=instruction, path=folder)
     return tasks
 

@@ -69,6 +69,30 @@ def test_benchmark_import_writes_a_valid_sampled_folder(tmp_path):
     assert sorted(p.name for p in (tmp_path / "tasks").iterdir()) == ["topics"]  # no temp folder left
 
 
+def test_a_benchmark_task_gets_the_benchmarks_own_instruction(tmp_path):
+    """A task of a known family takes its family's instruction from ../instruction_config.json (else the built-in
+    one); an unknown task, or --instruction, keeps the old behaviour; a broken config names its file."""
+    src = make_benchmark(tmp_path)
+    agnews = src.rename(tmp_path / "agnews")
+    config = {"TC": [{"instruction": "Which topic? Choose one.\n"}], "SC": [{"instruction": "Mood?"}]}
+    imported = import_benchmark(agnews, ImportOptions(task_id="a"), tmp_path / "built_in").path
+    assert load_task(imported).instruction == importers.BENCHMARK_INSTRUCTION["TC"]
+    (tmp_path / "instruction_config.json").write_text(json.dumps(config))
+    assert load_task(
+        import_benchmark(agnews, ImportOptions(task_id="a"), tmp_path / "t").path
+    ).instruction == ("Which topic? Choose one.")
+    given = ImportOptions(task_id="a", instruction="Topic?")
+    assert load_task(import_benchmark(agnews, given, tmp_path / "given").path).instruction == "Topic?"
+    other = agnews.rename(tmp_path / "mine")
+    assert importers.benchmark_instruction(other) is None
+    assert load_task(
+        import_benchmark(other, ImportOptions(task_id="a"), tmp_path / "o").path
+    ).instruction == (importers.default_instruction(LABELS))
+    (tmp_path / "instruction_config.json").write_text(json.dumps({"TC": "not a list"}))
+    with pytest.raises(SourceError, match="instruction_config.json: TC"):
+        importers.benchmark_instruction(other.rename(tmp_path / "yahoo"))
+
+
 def test_total_sizes_are_stratified(tmp_path):
     src = make_benchmark(tmp_path)
     import_benchmark(src, ImportOptions(task_id="t", train_size=8, test_size=7), tmp_path / "tasks")

@@ -33,7 +33,9 @@ def register(subparsers) -> None:
         "--labels", default=None, help="comma-separated labels in their order (default: the source's)"
     )
     imp.add_argument(
-        "--instruction", default=None, help="instruction text (default: generated from the labels)"
+        "--instruction",
+        default=None,
+        help="instruction text (default: a CL-benchmark task's own, else generated from the labels)",
     )
     imp.add_argument("--description", default="", help="a short description of the task")
     imp.add_argument("--positive-label", default=None, help="the positive label of a binary compliance task")

@@ -275,6 +275,36 @@ def _as_text(value, where: str, column: str) -> str:
     raise SourceError(f"{where}: column {column!r} holds {type(value).__name__}, not text")
 
 
+# The CL benchmark's tasks by instruction family (its instruction_config.json keys), and each family's instruction
+# where that file is absent.
+BENCHMARK_FAMILY = {"agnews": "TC", "dbpedia": "TC", "yahoo": "TC", "amazon": "SC", "yelp": "SC"}
+BENCHMARK_INSTRUCTION = {
+    "TC": "What is the topic of the following paragraph? Choose one from the option.",
+    "SC": "What is the sentiment of the following paragraph? Choose one from the option.",
+}
+
+
+def benchmark_instruction(folder: str | Path) -> str | None:
+    """The benchmark's own instruction for the task in `folder` (its family's first entry in the benchmark's
+    ../instruction_config.json, else BENCHMARK_INSTRUCTION's); None for a task of no known family."""
+    folder = Path(folder)
+    family, config = BENCHMARK_FAMILY.get(folder.name), folder.parent / "instruction_config.json"
+    if family is None or not config.is_file():
+        return BENCHMARK_INSTRUCTION.get(family)
+    try:
+        entries = json.loads(config.read_text(encoding="utf-8")).get(family) or [{}]
+        instruction = entries[0].get("instruction")
+    except (ValueError, AttributeError, LookupError, TypeError) as exc:
+        raise SourceError(
+            f"{config}: {family}: not a list of {{'instruction': ...}} objects ({exc!r})"
+        ) from None
+    return (
+        instruction.strip()
+        if isinstance(instruction, str) and instruction.strip()
+        else BENCHMARK_INSTRUCTION[family]
+    )
+
+
 def read_benchmark(folder: str | Path) -> tuple[list[Record], list[Record], list[str]]:
     """The CL-benchmark layout: train.json / test.json (JSON lists of {"sentence", "label"}) + labels.json."""
     folder = Path(folder)
@@ -405,7 +435,10 @@ def read_hf(
 def import_benchmark(
     folder: str | Path, opts: ImportOptions, dest_root: str | Path, data_cfg: DataConfig | None = None
 ) -> ImportReport:
+    """A benchmark folder (read_benchmark) as a task; without --instruction, the benchmark's own for the task."""
     train, test, labels = read_benchmark(folder)
+    if opts.instruction is None:
+        opts = replace(opts, instruction=benchmark_instruction(folder))
     return import_rows(
         train, test, opts, dest_root, source_labels=labels, where=str(folder), data_cfg=data_cfg
     )
