@@ -12,6 +12,7 @@ from pathlib import Path
 from bench.params import SYNTHETIC_TASKS
 from moecl.data import importers
 from moecl.data.task import TaskData
+from moecl.sampling import sample_per_class
 from moecl.testing import make_task
 
 _REPO = Path(__file__).resolve().parent.parent
@@ -42,11 +43,11 @@ def load_mtl5(root: Path, names: list[str], per_class: int, test_per_task: int, 
         if not folder.is_dir():
             raise DataMissing(f"{folder}: task {name!r} is absent from the benchmark data")
         train, test, labels = importers.read_benchmark(folder)
-        sampled = importers.stratified_sample(train, labels, per_class, 0, seed, "bench-train")
+        sampled = sample_per_class(train, labels, per_class, 0, seed, "bench-train")
         if split == "dev":
             taken = {(r.text, r.label) for r in sampled}
             test = [r for r in train if (r.text, r.label) not in taken]
-        evaluated = importers.stratified_sample(test, labels, 0, test_per_task, seed, f"bench-{split}")
+        evaluated = sample_per_class(test, labels, 0, test_per_task, seed, f"bench-{split}")
         instruction = importers.benchmark_instruction(folder) or importers.BENCHMARK_INSTRUCTION["TC"]
         tasks[name] = TaskData(name, labels, sampled, evaluated, instruction=instruction, path=folder)
     return tasks

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -28,6 +27,7 @@ from moecl.data.validate import (
 )
 from moecl.errors import MoeclError
 from moecl.io import install_folder, temp_folder_beside
+from moecl.sampling import sample_per_class, split_off_test
 
 
 class SourceError(MoeclError):
@@ -80,51 +80,6 @@ def _dedupe(rows: Iterable[Record], seen: set[str]) -> tuple[list[Record], int]:
         seen.add(key)
         kept.append(r)
     return kept, dropped
-
-
-def _allocate(sizes: dict[str, int], total: int) -> dict[str, int]:
-    """Split `total` across classes in proportion to their sizes (largest remainder; never above a class size)."""
-    available = sum(sizes.values())
-    if total <= 0 or total >= available:
-        return dict(sizes)
-    exact = {k: total * n / available for k, n in sizes.items()}
-    take = {k: int(v) for k, v in exact.items()}
-    for k in sorted(sizes, key=lambda k: (-(exact[k] - take[k]), list(sizes).index(k)))[
-        : total - sum(take.values())
-    ]:
-        take[k] += 1
-    return take
-
-
-def stratified_sample(
-    rows: Sequence[Record], labels: Sequence[str], per_class: int, total: int, seed: int, salt: str = ""
-) -> list[Record]:
-    """A seeded, stratified sample: at most `per_class` rows of each label, then at most `total` rows overall."""
-    groups: dict[str, list[Record]] = {label: [] for label in labels}
-    for r in rows:
-        groups[r.label].append(r)
-    for label in labels:
-        random.Random(f"{seed}:{salt}:{label}").shuffle(groups[label])
-        if per_class > 0:
-            groups[label] = groups[label][:per_class]
-    take = _allocate({k: len(v) for k, v in groups.items()}, total)
-    out = [r for label in labels for r in groups[label][: take[label]]]
-    random.Random(f"{seed}:{salt}:order").shuffle(out)
-    return out
-
-
-def _split_off_test(
-    rows: list[Record], labels: Sequence[str], fraction: float, seed: int
-) -> tuple[list, list]:
-    """Stratified train/test split of one source (each label keeps at least one row in train)."""
-    train, test = [], []
-    for label in labels:
-        group = [r for r in rows if r.label == label]
-        random.Random(f"{seed}:split:{label}").shuffle(group)
-        n_test = min(int(round(len(group) * fraction)), max(0, len(group) - 1))
-        test += group[:n_test]
-        train += group[n_test:]
-    return train, test
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -238,12 +193,12 @@ def import_rows(
     kept_train, n = _dedupe(kept_train, seen)
     dropped["duplicate texts"] += n
     if test_rows is None:
-        kept_train, kept_test = _split_off_test(kept_train, labels, opts.test_fraction, opts.seed)
+        kept_train, kept_test = split_off_test(kept_train, labels, opts.test_fraction, opts.seed)
     else:
         kept_test, n = _dedupe(kept_test, seen)
         dropped["test texts also in train"] += n
-    train = stratified_sample(kept_train, labels, opts.per_class, opts.train_size, opts.seed, "train")
-    test = stratified_sample(kept_test, labels, opts.test_per_class, opts.test_size, opts.seed, "test")
+    train = sample_per_class(kept_train, labels, opts.per_class, opts.train_size, opts.seed, "train")
+    test = sample_per_class(kept_test, labels, opts.test_per_class, opts.test_size, opts.seed, "test")
     path = write_task(
         dest_root,
         opts.task_id,
