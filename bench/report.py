@@ -6,13 +6,8 @@ this module chooses the reference rows and lays out the tables.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
-import os
-import platform
 from pathlib import Path
-
-import torch
 
 from bench.params import label
 from moecl import metrics
@@ -32,24 +27,6 @@ def references(runs: list[dict], shown: list[str], ablation: bool = False) -> li
     ran = [m for m in shown if any(r["method"] == m and r.get("correct") for r in runs)]
     wanted = [m for m in (ABLATION_REFERENCES if ablation else REFERENCES) if m in ran]
     return wanted or [m for m in ran if m.startswith("moecl")][:1]
-
-
-def hardware() -> dict:
-    """The machine and the library versions that a run's figures depend on."""
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
-    models = [x.split(":", 1)[1].strip() for x in cpuinfo if x.startswith("model name")]
-    info = {"cpu": models[0] if models else platform.processor() or platform.machine()}
-    info |= {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
-    info |= {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__}
-    for package in ("transformers", "peft", "tokenizers"):
-        try:
-            info[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            info[package] = None
-    if torch.cuda.is_available():
-        info |= {"cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0)}
-        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
-    return info
 
 
 def write_results(out_dir: Path, name: str, result: dict) -> tuple[Path, Path]:

@@ -35,6 +35,7 @@ from bench.params import (
     parse_variant,
     resized,
 )
+from moecl.io import environment
 from moecl.model.base import BaseSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -195,7 +196,7 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
         "selected": selected | {"split": args.split, "runs_dir": _relative(runs_dir)},
         "command": "python -m bench.run " + " ".join(shlex.quote(a) for a in argv),
         "started": _now(),
-        "hardware": report.hardware(),
+        "hardware": environment(),
         "backbone": {"name": base.name, "sha256": base.sha256, **loaded},
         "data": {mode: data_summary(tasks) for mode, tasks in tasks_by_mode.items()},
     }

@@ -40,7 +40,7 @@ from moecl.integrity import (
     seal,
     verify_bank,
 )
-from moecl.io import fsync_dir, git_revision, write_error
+from moecl.io import environment, fsync_dir, git_revision, write_error
 from moecl.manifest import CONTENT_HASH_KEY, BankManifest
 from moecl.model.base import BaseSpec
 from moecl.model.moecl_model import MoECLModel, TaskInfo
@@ -245,6 +245,7 @@ def save_bank(
                 "parent": str(parent_dir) if parent_dir else None,
                 "trained_task": trained_task,
                 "code_revision": git_revision(),
+                "environment": environment(),
                 **lineage,
             },
             "train": train_summary or {},

@@ -401,6 +401,7 @@ def record_decision(
         data_hashes={t.task_id: t.content_hash for t in manifest.tasks},  # content hashes, per task
         params=params,
         code_revision=manifest.lineage.code_revision,
+        environment=manifest.lineage.environment,
         metrics=challenger.metrics.as_dict(),
         gate=decision.to_dict(),
         flow_run_id=flow_run_id,

@@ -1,5 +1,5 @@
 """The project's file-system and process helpers, each in one place: atomic file and folder writes, a file lock,
-the git revision, a free port.
+the git revision and the environment (what a result was computed with), a free port.
 
 Atomic writes: a reader sees the old file or the whole new one, never a half-written one. Each write goes to a
 hidden temporary file in the target's own folder (os.replace is atomic only within one file system), is
@@ -221,6 +221,30 @@ def git_revision(cwd: str | os.PathLike | None = None) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
+
+
+def environment() -> dict[str, Any]:
+    """The machine and the library versions that a model or a figure depends on: CPU, torch threads, Python,
+    platform, torch, transformers, peft, tokenizers, and CUDA with the first GPU where torch sees one."""
+    import importlib.metadata
+    import platform
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []
+    models = [x.split(":", 1)[1].strip() for x in cpuinfo if x.startswith("model name")]
+    info = {"cpu": models[0] if models else platform.processor() or platform.machine()}
+    info |= {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
+    info |= {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__}
+    for package in ("transformers", "peft", "tokenizers"):
+        try:
+            info[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            info[package] = None
+    if torch.cuda.is_available():
+        info |= {"cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name(0)}
+        info["gpu_memory_gb"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
 
 
 def free_port(host: str = "127.0.0.1") -> int:

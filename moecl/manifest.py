@@ -63,6 +63,7 @@ class Lineage:
     parent: str | None = None
     trained_task: str | None = None
     code_revision: str | None = None
+    environment: dict[str, Any] = field(default_factory=dict)  # moecl.io.environment() of the step's process
     content_hash: str | None = None  # JSON key "data_hash": TaskData.content_hash() of the trained task
     data_version: str | None = None  # task_folder_hash of that task's folder, when a registry run trained it
     params: dict[str, Any] = field(default_factory=dict)
@@ -136,6 +137,7 @@ def _lineage(raw: dict[str, Any]) -> Lineage:
         parent=raw.get("parent"),
         trained_task=raw.get("trained_task"),
         code_revision=raw.get("code_revision"),
+        environment=dict(raw.get("environment") or {}),
         content_hash=raw.get(CONTENT_HASH_KEY),
         data_version=raw.get("data_version"),
         params=dict(raw.get("params") or {}),

@@ -72,6 +72,9 @@ class VersionRecord:
     data_hashes: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     code_revision: str | None = None
+    environment: dict[str, Any] = field(
+        default_factory=dict
+    )  # the machine and library versions that trained it
     metrics: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
     flow_run_id: str | None = None
@@ -178,6 +181,7 @@ class Registry:
         data_hashes: dict[str, str] | None = None,
         params: Any = None,
         code_revision: str | None = None,
+        environment: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
         gate: dict[str, Any] | None = None,
         flow_run_id: str | None = None,
@@ -199,6 +203,7 @@ class Registry:
             "data_hashes": dict(data_hashes or {}),
             "params": params or {},
             "code_revision": code_revision or git_revision(self.project_root),
+            "environment": dict(environment or {}),
             "metrics": metrics or {},
             "gate": gate or {},
             "flow_run_id": None if flow_run_id is None else str(flow_run_id),

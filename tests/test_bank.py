@@ -37,6 +37,8 @@ def test_manifest_records_lineage_and_hashes(bank_one, tiny_base, two_tasks):
     assert manifest.tasks[0].content_hash == two_tasks[0].content_hash()
     assert manifest.lineage.content_hash == two_tasks[0].content_hash()
     assert manifest.lineage.params["train"]["lr"] == pytest.approx(5e-3)
+    environment = manifest.lineage.environment  # what trained it: the machine and the library versions
+    assert environment["torch"] == torch.__version__ and environment["cpu_count"] and environment["peft"]
     assert manifest.steps == ["topics"]
     assert sorted(p.name for p in bank_one.iterdir()) == [
         "bank.json",

@@ -4,6 +4,7 @@ import copy
 import json
 
 import pytest
+import torch
 
 from moecl.evolve import Outputs, evolve_pending, pending_versions, process_version, version_for
 from moecl.registry import Registry
@@ -34,6 +35,7 @@ def test_promote_then_rerun_does_nothing(workspace, tiny_base, two_tasks):
     out = evolve_pending(params, base=tiny_base, registry=registry, outputs=Outputs(root), progress=False)
     assert [o.decision for o in out] == ["promote"]
     assert registry.champion().version == out[0].version
+    assert registry.champion().environment["torch"] == torch.__version__  # the record says what trained it
     gate = json.loads((root / "metrics" / "gate.json").read_text())
     assert gate["decision"] == "promote"
     assert (root / "metrics" / "cl.json").is_file() and (root / "plots").is_dir()
