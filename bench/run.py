@@ -115,15 +115,15 @@ def backbone(preset: dict, tasks_by_mode: dict, params_file="params.yaml", base_
     started = time.perf_counter()
     model, tokenizer = spec.load()
     model.to(device).eval().requires_grad_(False)
-    loaded = _describe(model, time.perf_counter() - started)
+    config, seconds = model.config, round(time.perf_counter() - started, 2)
+    loaded = {"parameters": sum(p.numel() for p in model.parameters())}
+    loaded["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
+    loaded |= {
+        "layers": getattr(config, "num_hidden_layers", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+    }
+    loaded["load_seconds"] = seconds
     return BaseSpec(spec.name, spec.sha256, lambda: (copy.deepcopy(model), tokenizer)), model_cfg, loaded
-
-
-def _describe(model, load_seconds: float) -> dict:
-    layers, hidden = (getattr(model.config, k, None) for k in ("num_hidden_layers", "hidden_size"))
-    info = {"parameters": sum(p.numel() for p in model.parameters())}
-    info["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    return info | {"layers": layers, "hidden_size": hidden, "load_seconds": round(load_seconds, 2)}
 
 
 def plan_runs(methods, modes, orders, seeds: dict[str, list[int]]) -> list[tuple]:
@@ -221,7 +221,15 @@ def _main(args: argparse.Namespace, argv: list[str]) -> int:
     deadline = started_wall + 60 * args.budget_minutes if args.budget_minutes is not None else None
     try:
         if not args.no_cost:  # first: minutes at most, and a time budget should not cut it
-            _run_costs(bench, methods, result, save, args.quiet)
+            from bench.cost import run_costs
+
+            torch.manual_seed(preset["seed"])
+            log = (lambda msg: None) if args.quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
+            try:
+                run_costs(base, preset, methods, log=log, checkpoint=save)
+            except Exception as exc:  # noqa: BLE001 - a failed micro-benchmark must not stop the accuracy runs
+                result["errors"].append(_error("cost", exc))
+            save()
         if not args.cost_only:
             seeds = {m: list(args.seeds) for m in methods} if args.seeds else _preset_seeds(preset, methods)
             plan = plan_runs(methods, modes, list(orders), seeds)
@@ -278,21 +286,6 @@ def _now() -> str:
 
 def _error(what: str, exc: Exception) -> dict:
     return {"what": what, "error": repr(exc), "traceback": traceback.format_exc()}
-
-
-def _run_costs(bench, methods: list[str], result: dict, save, quiet: bool) -> None:
-    """The cost micro-benchmarks (bench/cost.py); a failure is recorded and the accuracy runs go on."""
-    import torch
-
-    from bench.cost import run_costs
-
-    log = (lambda msg: None) if quiet else (lambda msg: tqdm.write(msg, file=sys.stderr))
-    torch.manual_seed(bench.preset["seed"])
-    try:
-        run_costs(bench.base, bench.preset, methods, log=log, checkpoint=save)
-    except Exception as exc:  # noqa: BLE001 - a failed micro-benchmark must not stop the accuracy runs
-        result["errors"].append(_error("cost", exc))
-    save()
 
 
 def _run_accuracy(bench, plan, stored_only: set, result, save, runs_dir: Path, args, deadline) -> None:
