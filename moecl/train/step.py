@@ -179,17 +179,17 @@ def run_step(
         progress=progress and main,
         accelerator=accelerator,
     )
+
+    def result() -> StepResult:  # (R[i-1][i] and b_i are None outside the main process)
+        losses, best = outcome.final_losses, outcome.best_dev_accuracy
+        seconds = time.perf_counter() - started
+        return StepResult(
+            out_bank, task.task_id, new_task, losses, best, result_before, result_zero, seconds, outcome
+        )
+
     if not main:  # the main process evaluates and writes the bank
         accelerator.wait_for_everyone()
-        return StepResult(
-            out_bank,
-            task.task_id,
-            new_task,
-            outcome.final_losses,
-            outcome.best_dev_accuracy,
-            seconds=time.perf_counter() - started,
-            outcome=outcome,
-        )
+        return result()
 
     if eval_tasks is not None:
         row, stripping, *_ = evaluate_model(
@@ -228,14 +228,4 @@ def run_step(
     )
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    return StepResult(
-        out_bank,
-        task.task_id,
-        new_task,
-        outcome.final_losses,
-        outcome.best_dev_accuracy,
-        result_before,
-        result_zero,
-        time.perf_counter() - started,
-        outcome,
-    )
+    return result()
