@@ -72,9 +72,8 @@ class VersionRecord:
     data_hashes: dict[str, str] = field(default_factory=dict)
     params: dict[str, Any] = field(default_factory=dict)
     code_revision: str | None = None
-    environment: dict[str, Any] = field(
-        default_factory=dict
-    )  # the machine and library versions that trained it
+    # the machine and library versions that trained it (moecl.io.environment(), from the bank's lineage)
+    environment: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     gate: dict[str, Any] = field(default_factory=dict)
     flow_run_id: str | None = None

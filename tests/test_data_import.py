@@ -78,16 +78,14 @@ def test_a_benchmark_task_gets_the_benchmarks_own_instruction(tmp_path):
     imported = import_benchmark(agnews, ImportOptions(task_id="a"), tmp_path / "built_in").path
     assert load_task(imported).instruction == importers.BENCHMARK_INSTRUCTION["TC"]
     (tmp_path / "instruction_config.json").write_text(json.dumps(config))
-    assert load_task(
-        import_benchmark(agnews, ImportOptions(task_id="a"), tmp_path / "t").path
-    ).instruction == ("Which topic? Choose one.")
+    configured = import_benchmark(agnews, ImportOptions(task_id="a"), tmp_path / "t").path
+    assert load_task(configured).instruction == "Which topic? Choose one."
     given = ImportOptions(task_id="a", instruction="Topic?")
     assert load_task(import_benchmark(agnews, given, tmp_path / "given").path).instruction == "Topic?"
     other = agnews.rename(tmp_path / "mine")
     assert importers.benchmark_instruction(other) is None
-    assert load_task(
-        import_benchmark(other, ImportOptions(task_id="a"), tmp_path / "o").path
-    ).instruction == (importers.default_instruction(LABELS))
+    unknown = import_benchmark(other, ImportOptions(task_id="a"), tmp_path / "o").path
+    assert load_task(unknown).instruction == importers.default_instruction(LABELS)
     (tmp_path / "instruction_config.json").write_text(json.dumps({"TC": "not a list"}))
     with pytest.raises(SourceError, match="instruction_config.json: TC"):
         importers.benchmark_instruction(other.rename(tmp_path / "yahoo"))
