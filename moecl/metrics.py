@@ -344,8 +344,8 @@ def summarise_runs(
 
 
 def _pairs_with(ref: Mapping[str, Any], run: Mapping[str, Any]) -> bool:
-    """Same mode, order (or a joint run) and seed: another seed's run would mix training-seed noise in."""
-    same_order = run["order"] in (ref["order"], "joint")
+    """Same mode, order (or either is a joint run) and seed: another seed's run would mix training-seed noise in."""
+    same_order = "joint" in (ref["order"], run["order"]) or run["order"] == ref["order"]
     return run["mode"] == ref["mode"] and same_order and run_seed(run) == run_seed(ref)
 
 
@@ -355,20 +355,23 @@ def paired_comparisons(
     """reference row -> mode -> other row -> ACC(reference) - ACC(other), paired record by record, for each of
     `references` that ran; other rows in the order of `rows`.
 
-    Each reference run pairs with the other row's run of the same order and seed (a joint run with every order;
-    a reference run whose seed the other row lacks stays unpaired), pooled by `pooled_paired_differences`.
-    Runs without per-record marks are left out."""
+    Each reference run pairs with the other row's run of the same order and seed (a joint run with every order:
+    a joint reference, such as the upper bound mtl, pairs with the other row's run on each order, labelled by
+    that run; a reference run whose seed the other row lacks stays unpaired), pooled by
+    `pooled_paired_differences`. Runs without per-record marks are left out."""
     marked = [r for r in runs if r.get("correct")]
     present = {r["method"] for r in marked}
     out: dict = {}
     for reference in [m for m in references if m in present]:
         table: dict = {}
         for ref in (r for r in marked if r["method"] == reference):
+            joint = ref["order"] == "joint"
             for other in sorted(present - {reference}):
-                partner = next((r for r in marked if r["method"] == other and _pairs_with(ref, r)), None)
-                if partner:
+                partners = [r for r in marked if r["method"] == other and _pairs_with(ref, r)]
+                for partner in partners if joint else partners[:1]:
                     pair = paired_acc_difference(ref["correct"], partner["correct"])
-                    table.setdefault(ref["mode"], {}).setdefault(other, []).append((run_label(ref), pair))
+                    where = run_label(partner if joint else ref)
+                    table.setdefault(ref["mode"], {}).setdefault(other, []).append((where, pair))
         out[reference] = {
             mode: {o: pooled_paired_differences(p) for o, p in _ranked(others, rows)}
             for mode, others in table.items()

@@ -302,3 +302,27 @@ def test_a_joint_run_pairs_with_the_reference_on_every_order() -> None:
         "order1/s42": {"diff": 0.25, "se": pytest.approx(0.25)},
         "order2/s42": {"diff": 0.5, "se": pytest.approx(0.2886751, abs=1e-6)},
     }
+
+
+def test_the_joint_upper_bound_as_reference_pairs_with_every_orders_run_of_its_seed() -> None:
+    from moecl.metrics import paired_comparisons
+
+    def run(method, order, seed, marks):
+        return {"method": method, "mode": "instruction", "order": order, "seed": seed, "correct": {"t": marks}}
+
+    runs = [
+        run("mtl", "joint", 42, "1110"),
+        run("mtl", "joint", 43, "1111"),
+        run("seq_lora", "order1", 42, "1000"),
+        run("seq_lora", "order2", 42, "1100"),
+        run("seq_lora", "order1", 43, "0000"),
+        run("seq_lora", "order1", 44, "1111"),  # mtl has no seed-44 run: left unpaired
+    ]
+    table = paired_comparisons(runs, ["mtl"])["mtl"]["instruction"]["seq_lora"]
+    # mtl - seq_lora, one pair per seq_lora run with mtl's run of its seed, named by the seq_lora run
+    assert {where: d["diff"] for where, d in table["by_run"].items()} == {
+        "order1/s42": 0.5,
+        "order2/s42": 0.25,
+        "order1/s43": 1.0,
+    }
+    assert table["records"] == 12 and table["over_runs"]["n"] == 3
