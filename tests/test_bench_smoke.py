@@ -89,7 +89,14 @@ def test_runs_keep_per_record_correctness_and_pair_with_moecl(smoke) -> None:
         # the per-record marks are the accuracies of the final row
         for task, marks in run["correct"].items():
             assert run["metrics"]["per_task"][task] == pytest.approx(marks.count("1") / len(marks))
-    assert set(result["paired"]) == {"moecl", "moecl+replay"}
+    assert set(result["paired"]) == {"moecl", "moecl+replay", "mtl"}
+    for mode, others in result["paired"]["mtl"].items():  # the upper bound: its joint run against each row's runs
+        assert set(others) == set(METHODS) - {"mtl"}
+        for other, c in others.items():
+            assert c["orders"] == ["order1/s42", "order2/s42"]  # labelled by the other row's runs
+            mtl_acc = runs[(mode, "mtl", "joint")]["acc"]
+            by_run = [mtl_acc - runs[(mode, other, o)]["acc"] for o in ("order1", "order2")]
+            assert [d["diff"] for d in c["by_run"].values()] == pytest.approx(by_run, abs=1e-5)
     for mode, others in result["paired"]["moecl"].items():
         assert set(others) == set(METHODS) - {"moecl"}
         for other, c in others.items():
@@ -106,6 +113,7 @@ def test_runs_keep_per_record_correctness_and_pair_with_moecl(smoke) -> None:
     text = (out / "smoke.md").read_text()
     assert "## moecl (no replay) against each row, record by record" in text
     assert "## moecl (best) against each row, record by record" in text
+    assert "## mtl against each row, record by record" in text
     for mode in ("classifier", "instruction"):  # the figure of every mode, linked from the tables
         assert (out / f"smoke-{mode}.png").read_bytes()[:4] == b"\x89PNG"
         assert f"![ACC and BWT of each row](smoke-{mode}.png)" in text
