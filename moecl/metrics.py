@@ -365,12 +365,10 @@ def paired_comparisons(
     for reference in [m for m in references if m in present]:
         table: dict = {}
         for ref in (r for r in marked if r["method"] == reference):
-            joint = ref["order"] == "joint"
             for other in sorted(present - {reference}):
-                partners = [r for r in marked if r["method"] == other and _pairs_with(ref, r)]
-                for partner in partners if joint else partners[:1]:
+                for partner in (r for r in marked if r["method"] == other and _pairs_with(ref, r)):
                     pair = paired_acc_difference(ref["correct"], partner["correct"])
-                    where = run_label(partner if joint else ref)
+                    where = run_label(partner if ref["order"] == "joint" else ref)  # its continual run
                     table.setdefault(ref["mode"], {}).setdefault(other, []).append((where, pair))
         out[reference] = {
             mode: {o: pooled_paired_differences(p) for o, p in _ranked(others, rows)}

@@ -308,7 +308,13 @@ def test_the_joint_upper_bound_as_reference_pairs_with_every_orders_run_of_its_s
     from moecl.metrics import paired_comparisons
 
     def run(method, order, seed, marks):
-        return {"method": method, "mode": "instruction", "order": order, "seed": seed, "correct": {"t": marks}}
+        return {
+            "method": method,
+            "mode": "instruction",
+            "order": order,
+            "seed": seed,
+            "correct": {"t": marks},
+        }
 
     runs = [
         run("mtl", "joint", 42, "1110"),
