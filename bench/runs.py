@@ -27,7 +27,7 @@ from moecl.bank import new_model
 from moecl.config import PAPER_SETTING
 from moecl.evaluate import evaluate_bank, evaluate_model
 from moecl.io import write_json_atomic
-from moecl.metrics import ContinualMetrics, json_number
+from moecl.metrics import ContinualMetrics
 from moecl.model.moecl_model import TaskInfo
 from moecl.routing import bank_routing
 from moecl.train.loop import fit, task_items
@@ -87,15 +87,9 @@ def run_continual(bench: Bench, method: str, mode: str, order_name: str, seed: i
         t1 = time.perf_counter()
         seen, only = {t: tasks[t] for t in order[: i + 1]}, None if i == len(order) - 1 else [task_id]
         evaluation = evaluate_bank(bank, base, seen, params, progress=bench.progress, only=only)
-        outcome, losses, t2 = result.outcome, result.losses, time.perf_counter()
+        t2 = time.perf_counter()
         info = {"task": task_id, "step_seconds": round(t1 - t0, 2), "eval_seconds": round(t2 - t1, 2)}
-        info["optimisation_steps"] = len(outcome.losses)
-        info |= {k: getattr(outcome, k) for k in ("train_examples", "dev_examples", "replay_examples")}
-        info |= {"best_dev_accuracy": json_number(result.best_dev_accuracy), "best_step": outcome.best_step}
-        # the checkpoint kept (best_step), and the dev curve it was chosen on
-        info["dev_accuracy"] = [[step, json_number(acc)] for step, acc in outcome.dev_accuracy]
-        info["final_losses"] = {k: json_number(v) for k, v in losses._asdict().items()} if losses else None
-        steps.append(info)
+        steps.append(info | result.outcome.summary())  # its losses, dev curve and the checkpoint kept on it
         parent = bank
     seconds = time.perf_counter() - started  # training and evaluation; the routing probe is not timed
     routing = {}
@@ -139,11 +133,10 @@ def run_joint(bench: Bench, method: str, mode: str, seed: int) -> dict:
     zero_shot = dict(bench.zero_shot) if mode == "instruction" else {}  # classifier b_i: per row, not shared
     metrics = ContinualMetrics(order=names, matrix=[evaluation.row], zero_shot=zero_shot).as_dict()
     metrics["bwt"] = metrics["fwt"] = None  # not a continual run: no forgetting or transfer to measure
-    info = {"optimisation_steps": len(outcome.losses), "train_examples": len(items)}
-    info["best_dev_accuracy"] = json_number(outcome.best_dev_accuracy)
-    info["final_loss"] = json_number(outcome.losses[-1].task) if outcome.losses else None
+    outcome.train_examples, outcome.dev_examples = len(items), sum(map(len, dev.values()))
     seconds = time.perf_counter() - started
-    info |= {"step_seconds": round(t_train, 2), "eval_seconds": round(seconds - t_train, 2)}
+    info = {"step_seconds": round(t_train, 2), "eval_seconds": round(seconds - t_train, 2)}
+    info |= outcome.summary()
     what = {"method": method, "mode": mode, "order": "joint", "seed": params.train.seed, "tasks": names}
     return _run(what, metrics, [info], seconds, evaluation.correct)
 

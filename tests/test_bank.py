@@ -5,6 +5,7 @@ import torch
 
 from moecl.bank import load_bank, read_manifest
 from moecl.errors import BankError, UnknownTaskError
+from moecl.integrity import MANIFEST
 from moecl.manifest import BaseModelRef
 from moecl.model.base import BaseSpec
 from moecl.model.inference import predict
@@ -112,3 +113,23 @@ def test_evaluation_record(bank_one, tiny_base, fast_params, two_tasks):
     assert len(evaluation.metrics.matrix) == 1
     assert json.loads((bank_one / "evaluation.json").read_text()) == evaluation.record
     assert evaluation.metrics.as_dict() == evaluation.record["metrics"]
+
+
+def test_the_manifest_records_the_steps_training(tiny_base, fast_params, two_tasks, tmp_path):
+    """The bank's `train` section: the step's dev curve, the checkpoint kept on it, its last losses and sizes."""
+    result = run_step(fast_params, two_tasks[0], base=tiny_base, out_bank=tmp_path / "b1", progress=False)
+    train, outcome = read_manifest(tmp_path / "b1").train, result.outcome
+    assert train["optimisation_steps"] == len(outcome.losses) > 0
+    assert train["train_examples"] == outcome.train_examples > 0
+    assert train["dev_examples"] == outcome.dev_examples > 0
+    curve = dict(train["dev_accuracy"])
+    assert len(curve) == fast_params.train.epochs  # one dev evaluation an epoch
+    assert curve[train["best_step"]] == train["best_dev_accuracy"] == max(curve.values())
+    assert train["final_losses"]["task"] == pytest.approx(outcome.losses[-1].task, abs=1e-6)
+
+    fast_params.train.dev_fraction = 0.0  # no dev split: no curve, and no NaN written into the manifest
+    run_step(fast_params, two_tasks[0], base=tiny_base, out_bank=tmp_path / "b2", progress=False)
+    text = (tmp_path / "b2" / MANIFEST).read_text()
+    train = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the manifest"))["train"]
+    assert train["dev_accuracy"] == [] and train["best_dev_accuracy"] is None
+    assert train["best_step"] == train["optimisation_steps"]  # no dev: the last step's weights are kept

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from moecl.config import Params
 from moecl.data.task import Record, TaskData
 from moecl.evaluate import task_predictions
-from moecl.metrics import accuracy
+from moecl.metrics import accuracy, json_number
 from moecl.model.encoding import IGNORE_INDEX, Encoded, Encoder, collate, pad_id
 from moecl.model.moecl_model import MoECLModel
 from moecl.sampling import split_dev, stratified_sample
@@ -47,6 +47,21 @@ class TrainOutcome:
     @property
     def final_losses(self) -> StepLosses | None:
         return self.losses[-1] if self.losses else None
+
+    def summary(self) -> dict:
+        """What a bank's manifest (and a benchmark run) records of the step, JSON-safe (NaN: None): the final
+        losses, the dev curve and the checkpoint kept on it, and how many examples and optimisation steps."""
+        final = self.final_losses
+        return {
+            "final_losses": {k: json_number(v) for k, v in final._asdict().items()} if final else None,
+            "best_dev_accuracy": json_number(self.best_dev_accuracy),
+            "best_step": self.best_step,
+            "dev_accuracy": [[step, json_number(acc)] for step, acc in self.dev_accuracy],
+            "optimisation_steps": len(self.losses),
+            "train_examples": self.train_examples,
+            "dev_examples": self.dev_examples,
+            "replay_examples": self.replay_examples,
+        }
 
 
 def _task_targets(batch, mode: str) -> int:

@@ -205,15 +205,6 @@ def run_step(
         kept = stratified_sample(task.train, params.method.memory_per_task, params.train.seed)
         memory[task.task_id] = [encoder.encode(r.text, with_answer=False).input_ids for r in kept]
 
-    summary = {
-        "final_losses": outcome.final_losses._asdict() if outcome.final_losses else None,
-        "best_dev_accuracy": outcome.best_dev_accuracy,
-        "best_step": outcome.best_step,
-        "optimisation_steps": len(outcome.losses),
-        "train_examples": outcome.train_examples,
-        "dev_examples": outcome.dev_examples,
-        "replay_examples": outcome.replay_examples,
-    }
     save_bank(
         model,
         out_bank,
@@ -224,7 +215,7 @@ def run_step(
         history=history,
         lineage={CONTENT_HASH_KEY: task.content_hash(), "params": params.to_dict(), **(lineage or {})},
         memory={task.task_id: memory[task.task_id]} if task.task_id in memory else None,
-        train_summary=summary,
+        train_summary=outcome.summary(),
     )
     if accelerator is not None:
         accelerator.wait_for_everyone()
