@@ -142,6 +142,17 @@ def test_two_process_step_matches_the_one_process_step(tmp_path, tiny_tok, two_t
         assert a == pytest.approx(b, abs=1e-5)
     assert two.outcome.dev_accuracy == one.outcome.dev_accuracy
     assert two.outcome.best_step == one.outcome.best_step
+    same = (
+        "task_id",
+        "new_task",
+        "best_dev_accuracy",
+        "before_training",
+        "zero_shot",
+    )  # read back from the worker
+    assert [getattr(two, k) for k in same] == [getattr(one, k) for k in same]
+    assert two.losses == two.outcome.losses[-1] and two.bank_dir == tmp_path / "b2-two"
+    sizes = ("train_examples", "dev_examples", "replay_examples")
+    assert [getattr(two.outcome, k) for k in sizes] == [getattr(one.outcome, k) for k in sizes]
     # The same trained tensors, up to float rounding: the split batches sum in another order and DDP averages
     # two gradients, ~1e-7 relative. AdamW divides by sqrt(v), which amplifies that noise in the odd element
     # whose gradient nearly cancels over steps (observed: 3 of 1024 elements off by 1.3e-4 with lr 5e-3), so an

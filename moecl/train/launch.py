@@ -12,6 +12,7 @@ and the main one writes the bank (see moecl/train/worker.py, moecl/train/distrib
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -75,48 +76,15 @@ def launch_command(params: Params, worker_args: list[str], port: int | None = No
 
 def _result_from_json(data: dict, seconds: float) -> StepResult:
     o = data["outcome"]
-    outcome = TrainOutcome(
-        losses=[StepLosses(*x) for x in o["losses"]],
-        dev_accuracy=[tuple(x) for x in o["dev_accuracy"]],
-        best_dev_accuracy=o["best_dev_accuracy"],
-        best_step=o["best_step"],
-        train_examples=o["train_examples"],
-        dev_examples=o["dev_examples"],
-        replay_examples=o.get("replay_examples", 0),
-    )
-    return StepResult(
-        Path(data["bank_dir"]),
-        data["task_id"],
-        data["new_task"],
-        outcome.final_losses,
-        data["best_dev_accuracy"],
-        data["before_training"],
-        data["zero_shot"],
-        seconds,
-        outcome,
-    )
+    losses, curve = [StepLosses(*x) for x in o["losses"]], [tuple(x) for x in o["dev_accuracy"]]
+    outcome = TrainOutcome(**{**o, "losses": losses, "dev_accuracy": curve})
+    data = {**data, "bank_dir": Path(data["bank_dir"]), "losses": outcome.final_losses}
+    return StepResult(**{**data, "seconds": seconds, "outcome": outcome})
 
 
 def result_to_json(result: StepResult) -> dict:
-    o = result.outcome
-    return {
-        "bank_dir": str(result.bank_dir),
-        "task_id": result.task_id,
-        "new_task": result.new_task,
-        "best_dev_accuracy": result.best_dev_accuracy,
-        "before_training": result.before_training,
-        "zero_shot": result.zero_shot,
-        "seconds": result.seconds,
-        "outcome": {
-            "losses": [list(x) for x in o.losses],
-            "dev_accuracy": [list(x) for x in o.dev_accuracy],
-            "best_dev_accuracy": o.best_dev_accuracy,
-            "best_step": o.best_step,
-            "train_examples": o.train_examples,
-            "dev_examples": o.dev_examples,
-            "replay_examples": o.replay_examples,
-        },
-    }
+    """The worker's StepResult as JSON (its losses as lists): what `_result_from_json` reads back."""
+    return dataclasses.asdict(result) | {"bank_dir": str(result.bank_dir)}
 
 
 def launch_step(
