@@ -90,8 +90,7 @@ def test_runs_keep_per_record_correctness_and_pair_with_moecl(smoke) -> None:
         for task, marks in run["correct"].items():
             assert run["metrics"]["per_task"][task] == pytest.approx(marks.count("1") / len(marks))
     assert set(result["paired"]) == {"moecl", "moecl+replay", "mtl"}
-    # the upper bound: its joint run against each row's runs
-    for mode, others in result["paired"]["mtl"].items():
+    for mode, others in result["paired"]["mtl"].items():  # the upper bound's joint run against each row's
         assert set(others) == set(METHODS) - {"mtl"}
         for other, c in others.items():
             assert c["orders"] == ["order1/s42", "order2/s42"]  # labelled by the other row's runs

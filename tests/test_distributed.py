@@ -142,13 +142,8 @@ def test_two_process_step_matches_the_one_process_step(tmp_path, tiny_tok, two_t
         assert a == pytest.approx(b, abs=1e-5)
     assert two.outcome.dev_accuracy == one.outcome.dev_accuracy
     assert two.outcome.best_step == one.outcome.best_step
-    same = (
-        "task_id",
-        "new_task",
-        "best_dev_accuracy",
-        "before_training",
-        "zero_shot",
-    )  # read back from the worker
+    # what the launcher reads back from the worker's result file
+    same = ("task_id", "new_task", "best_dev_accuracy", "before_training", "zero_shot")
     assert [getattr(two, k) for k in same] == [getattr(one, k) for k in same]
     assert two.losses == two.outcome.losses[-1] and two.bank_dir == tmp_path / "b2-two"
     sizes = ("train_examples", "dev_examples", "replay_examples")

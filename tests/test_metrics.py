@@ -24,6 +24,13 @@ MATRIX = [
 ]
 
 
+def marked_run(method: str, marks: str, seed: int = 42, order: str | None = None) -> dict:
+    """A run with per-record correctness marks on one task: mtl's run is joint, another row's on order1 unless
+    `order` says otherwise."""
+    order = order or ("joint" if method == "mtl" else "order1")
+    return {"method": method, "mode": "instruction", "order": order, "seed": seed, "correct": {"t": marks}}
+
+
 def test_acc_is_mean_of_last_row():
     assert acc(MATRIX, ORDER) == pytest.approx((0.60 + 0.65 + 0.50) / 3)
 
@@ -213,21 +220,12 @@ def test_spread_is_mean_sample_std_and_range():
 def test_paired_tables_pair_runs_of_the_same_seed_only() -> None:
     from moecl.metrics import paired_comparisons
 
-    def run(method, seed, marks):
-        return {
-            "method": method,
-            "mode": "instruction",
-            "order": "order1",
-            "seed": seed,
-            "correct": {"t": marks},
-        }
-
     runs = [
-        run("moecl", 42, "1100"),
-        run("moecl", 43, "0000"),
-        run("seq_lora", 42, "1000"),  # seq_lora has no seed-43 run: moecl's seed 43 stays unpaired
-        run("o_lora", 42, "0000"),
-        run("o_lora", 43, "1111"),
+        marked_run("moecl", "1100", 42),
+        marked_run("moecl", "0000", 43),
+        marked_run("seq_lora", "1000", 42),  # seq_lora has no seed-43 run: moecl's seed 43 stays unpaired
+        marked_run("o_lora", "0000", 42),
+        marked_run("o_lora", "1111", 43),
     ]
     table = paired_comparisons(runs, ["moecl"])["moecl"]["instruction"]
     assert table["seq_lora"]["records"] == 4 and table["seq_lora"]["diff"]["mean"] == 0.25
@@ -243,22 +241,12 @@ def test_paired_tables_pair_runs_of_the_same_seed_only() -> None:
 def test_the_instrument_check_pairs_mtl_with_seq_lora_seed_by_seed() -> None:
     from moecl.metrics import instrument_check
 
-    def run(method, seed, marks):
-        order = "joint" if method == "mtl" else "order1"
-        return {
-            "method": method,
-            "mode": "instruction",
-            "order": order,
-            "seed": seed,
-            "correct": {"t": marks},
-        }
-
     runs = [
-        run("mtl", 42, "1110"),
-        run("seq_lora", 42, "1000"),
-        run("seq_lora", 43, "0000"),
-        run("mtl", 43, "1111"),
-        run("mtl", 44, "1111"),  # seq_lora has no seed-44 run: left unpaired
+        marked_run("mtl", "1110", 42),
+        marked_run("seq_lora", "1000", 42),
+        marked_run("seq_lora", "0000", 43),
+        marked_run("mtl", "1111", 43),
+        marked_run("mtl", "1111", 44),  # seq_lora has no seed-44 run: left unpaired
     ]
     check = instrument_check(runs)["instruction"]
     assert check["diff"] == 0.5  # the first seed's pair
@@ -293,10 +281,11 @@ def test_summarise_runs_spreads_each_rows_runs_and_keeps_the_rows_order() -> Non
 def test_a_joint_run_pairs_with_the_reference_on_every_order() -> None:
     from moecl.metrics import paired_comparisons
 
-    def run(method, order, marks):
-        return {"method": method, "mode": "instruction", "order": order, "seed": 42, "correct": {"t": marks}}
-
-    runs = [run("moecl", "order1", "1100"), run("moecl", "order2", "1110"), run("mtl", "joint", "1000")]
+    runs = [
+        marked_run("moecl", "1100", order="order1"),
+        marked_run("moecl", "1110", order="order2"),
+        marked_run("mtl", "1000"),
+    ]
     table = paired_comparisons(runs, ["moecl"])["moecl"]["instruction"]["mtl"]
     assert table["by_run"] == {
         "order1/s42": {"diff": 0.25, "se": pytest.approx(0.25)},
@@ -307,22 +296,13 @@ def test_a_joint_run_pairs_with_the_reference_on_every_order() -> None:
 def test_the_joint_upper_bound_as_reference_pairs_with_every_orders_run_of_its_seed() -> None:
     from moecl.metrics import paired_comparisons
 
-    def run(method, order, seed, marks):
-        return {
-            "method": method,
-            "mode": "instruction",
-            "order": order,
-            "seed": seed,
-            "correct": {"t": marks},
-        }
-
     runs = [
-        run("mtl", "joint", 42, "1110"),
-        run("mtl", "joint", 43, "1111"),
-        run("seq_lora", "order1", 42, "1000"),
-        run("seq_lora", "order2", 42, "1100"),
-        run("seq_lora", "order1", 43, "0000"),
-        run("seq_lora", "order1", 44, "1111"),  # mtl has no seed-44 run: left unpaired
+        marked_run("mtl", "1110", 42),
+        marked_run("mtl", "1111", 43),
+        marked_run("seq_lora", "1000", 42),
+        marked_run("seq_lora", "1100", 42, "order2"),
+        marked_run("seq_lora", "0000", 43),
+        marked_run("seq_lora", "1111", 44),  # mtl has no seed-44 run: left unpaired
     ]
     table = paired_comparisons(runs, ["mtl"])["mtl"]["instruction"]["seq_lora"]
     # mtl - seq_lora, one pair per seq_lora run with mtl's run of its seed, named by the seq_lora run

@@ -78,8 +78,7 @@ def _result_from_json(data: dict, seconds: float) -> StepResult:
     o = data["outcome"]
     losses, curve = [StepLosses(*x) for x in o["losses"]], [tuple(x) for x in o["dev_accuracy"]]
     outcome = TrainOutcome(**{**o, "losses": losses, "dev_accuracy": curve})
-    data = {**data, "bank_dir": Path(data["bank_dir"]), "losses": outcome.final_losses}
-    return StepResult(**{**data, "seconds": seconds, "outcome": outcome})
+    return StepResult(**{**data, "bank_dir": Path(data["bank_dir"]), "seconds": seconds, "outcome": outcome})
 
 
 def result_to_json(result: StepResult) -> dict:

@@ -37,12 +37,20 @@ class StepResult:
     bank_dir: Path
     task_id: str
     new_task: bool
-    losses: StepLosses | None
-    best_dev_accuracy: float
     before_training: float | None = None  # R[i-1][i]: the new task just before training
     zero_shot: float | None = None  # b_i: the untrained base model on the new task
     seconds: float = 0.0
     outcome: TrainOutcome = field(default_factory=TrainOutcome)
+
+    @property
+    def losses(self) -> StepLosses | None:
+        """The last optimisation step's losses."""
+        return self.outcome.final_losses
+
+    @property
+    def best_dev_accuracy(self) -> float:
+        """The dev accuracy of the checkpoint kept (NaN without a dev split)."""
+        return self.outcome.best_dev_accuracy
 
 
 def seed_everything(seed: int) -> None:
@@ -181,11 +189,8 @@ def run_step(
     )
 
     def result() -> StepResult:  # (R[i-1][i] and b_i are None outside the main process)
-        losses, best = outcome.final_losses, outcome.best_dev_accuracy
         seconds = time.perf_counter() - started
-        return StepResult(
-            out_bank, task.task_id, new_task, losses, best, result_before, result_zero, seconds, outcome
-        )
+        return StepResult(out_bank, task.task_id, new_task, result_before, result_zero, seconds, outcome)
 
     if not main:  # the main process evaluates and writes the bank
         accelerator.wait_for_everyone()
