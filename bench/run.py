@@ -115,14 +115,12 @@ def backbone(preset: dict, tasks_by_mode: dict, params_file="params.yaml", base_
     started = time.perf_counter()
     model, tokenizer = spec.load()
     model.to(device).eval().requires_grad_(False)
-    config, seconds = model.config, round(time.perf_counter() - started, 2)
-    loaded = {"parameters": sum(p.numel() for p in model.parameters())}
-    loaded["dtype"] = str(next(model.parameters()).dtype).replace("torch.", "")
-    loaded |= {
-        "layers": getattr(config, "num_hidden_layers", None),
-        "hidden_size": getattr(config, "hidden_size", None),
+    loaded = {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "dtype": str(model.dtype)[len("torch.") :],
     }
-    loaded["load_seconds"] = seconds
+    loaded |= {"layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size}
+    loaded["load_seconds"] = round(time.perf_counter() - started, 2)
     return BaseSpec(spec.name, spec.sha256, lambda: (copy.deepcopy(model), tokenizer)), model_cfg, loaded
 
 
@@ -305,7 +303,11 @@ def _run_accuracy(bench, plan, stored_only: set, result, save, runs_dir: Path, a
         only_stored = planned in stored_only
         stored = None if args.rerun and not only_stored else load_run(path, key)
         if stored is not None:
-            _read_back(bench, stored, result)
+            result["runs"].append(stored | {"reused": True})
+            # in instruction mode its b_i serve the runs still to come (the untrained model is the same)
+            if mode == "instruction":
+                for task, value in (stored["metrics"].get("zero_shot") or {}).items():
+                    bench.zero_shot.setdefault(task, value)
             save()
         if stored is not None or only_stored:
             continue
@@ -329,22 +331,11 @@ def _run_accuracy(bench, plan, stored_only: set, result, save, runs_dir: Path, a
     bar.close()
 
 
-def _read_back(bench, stored: dict, result: dict) -> None:
-    """A stored run joins the results; in instruction mode its b_i serve the runs still to come (the untrained
-    model is the same)."""
-    result["runs"].append(stored | {"reused": True})
-    if stored["mode"] == "instruction":
-        for task, value in (stored["metrics"].get("zero_shot") or {}).items():
-            bench.zero_shot.setdefault(task, value)
-
-
 def _progress_line(run: dict) -> str:
-    figures = " ".join(f"{k.upper()} {_f(run[k])}" for k in ("acc", "bwt", "fwt"))
+    figures = " ".join(
+        f"{k.upper()} {'-' if run[k] is None else format(run[k], '.3f')}" for k in ("acc", "bwt", "fwt")
+    )
     return f"{run['method']:14s} {run['mode']:11s} {run['order']:7s} s{run['seed']} {figures}  {run['seconds']:.0f}s"
-
-
-def _f(value) -> str:
-    return "  -  " if value is None else f"{value:+.3f}" if value < 0 else f"{value:.3f}"
 
 
 if __name__ == "__main__":
