@@ -22,7 +22,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from moecl.integrity import (
     seal,
     verify_bank,
 )
-from moecl.io import environment, fsync_dir, git_revision, write_error
+from moecl.io import environment, fsync_dir, git_revision, temp_folder_beside, write_error
 from moecl.manifest import CONTENT_HASH_KEY, BankManifest
 from moecl.model.base import BaseSpec
 from moecl.model.moecl_model import MoECLModel, TaskInfo
@@ -189,11 +188,9 @@ def save_bank(
     if out_dir.exists():
         raise BankError(f"{out_dir}: already exists; banks are immutable, choose a new directory")
     parent_files = {t.task_id: t for t in read_manifest(parent_dir).tasks} if parent_dir else {}
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    writing = tmp
+    tmp = writing = None
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
+        tmp = writing = temp_folder_beside(out_dir)
         tasks = []
         for info in loaded_model.tasks:
             name = task_file(info.task_id)
@@ -255,17 +252,16 @@ def save_bank(
         _write_durably(tmp / MANIFEST, text.encode("utf-8"))
         fsync_dir(tmp)
         writing = out_dir
-        os.rename(tmp, out_dir)
+        os.rename(tmp, out_dir)  # not io.install_folder: a bank never replaces another
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise write_error(
-            out_dir,
-            exc,
-            "the bank",
-            f"It failed writing {writing}; nothing was kept: the temporary folder {tmp} was removed.",
-        ) from exc
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        where = f"writing {writing}" if writing else f"making a folder in {out_dir.parent}"
+        removed = f": the temporary folder {tmp} was removed" if tmp else ""
+        raise write_error(out_dir, exc, "the bank", f"It failed {where}; nothing was kept{removed}.") from exc
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     fsync_dir(out_dir.parent)
     return out_dir

@@ -133,9 +133,15 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, *, indent: int = 2, wha
 
 
 # --- folders ------------------------------------------------------------------------------------------------------
+def path_beside(dest: Path, kind: str = "tmp") -> Path:
+    """A hidden, unused name next to dest, `.<name>.<kind>-<8 hex>` (same file system, so a rename into place is
+    atomic)."""
+    return dest.parent / f".{dest.name}.{kind}-{uuid.uuid4().hex[:8]}"
+
+
 def temp_folder_beside(dest: Path) -> Path:
-    """A new, hidden, empty folder next to dest (same file system, so a rename into place is atomic)."""
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
+    """A new, hidden, empty folder next to dest (`path_beside`), its parents made where missing."""
+    tmp = path_beside(dest)
     tmp.mkdir(parents=True)
     return tmp
 
@@ -145,7 +151,7 @@ def install_folder(tmp: Path, dest: Path) -> None:
     if not dest.exists():
         os.replace(tmp, dest)
         return
-    old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+    old = path_beside(dest, "old")
     os.replace(dest, old)
     try:
         os.replace(tmp, dest)
@@ -160,7 +166,7 @@ def copy_folder_atomic(src: Path, dest: Path, what: str = "", after: str = "") -
     `install_folder`). An OSError (a full disk) removes the copy and raises a WriteError naming dest."""
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = path_beside(dest)  # (copytree makes the folder itself)
     try:
         _copy_tree(Path(src), tmp)
         install_folder(tmp, dest)
