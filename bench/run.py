@@ -117,7 +117,7 @@ def backbone(preset: dict, tasks_by_mode: dict, params_file="params.yaml", base_
     model.to(device).eval().requires_grad_(False)
     loaded = {
         "parameters": sum(p.numel() for p in model.parameters()),
-        "dtype": str(model.dtype)[len("torch.") :],
+        "dtype": str(model.dtype).removeprefix("torch."),
     }
     loaded |= {"layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size}
     loaded["load_seconds"] = round(time.perf_counter() - started, 2)

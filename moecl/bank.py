@@ -253,15 +253,13 @@ def save_bank(
         fsync_dir(tmp)
         writing = out_dir
         os.rename(tmp, out_dir)  # not io.install_folder: a bank never replaces another
-    except OSError as exc:
+    except BaseException as exc:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, OSError):
+            raise
         where = f"writing {writing}" if writing else f"making a folder in {out_dir.parent}"
         removed = f": the temporary folder {tmp} was removed" if tmp else ""
         raise write_error(out_dir, exc, "the bank", f"It failed {where}; nothing was kept{removed}.") from exc
-    except BaseException:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
     fsync_dir(out_dir.parent)
     return out_dir

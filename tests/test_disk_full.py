@@ -195,21 +195,32 @@ def test_a_bank_write_on_a_full_disk_leaves_no_bank_and_no_temporary_folder(tmp_
         progress=False,
     )
     loaded = load_bank(tmp_path / "banks" / "b1", tiny_base)
+
+    def write(out):
+        args = {
+            "trained_task": "topics",
+            "parent_dir": None,
+            "steps": ["topics"],
+            "history": {},
+            "lineage": {},
+        }
+        save_bank(loaded.model, out, base=tiny_base, **args)
+
     for what in ("banks/<new bank>/expert-topics.safetensors", "banks/<new bank>/bank.json"):
         out = tmp_path / "banks" / "b2"
         disk = DiskFull(tmp_path, strike=lambda w, what=what: w == what)
         with disk.installed(), pytest.raises(WriteError) as caught:
-            save_bank(
-                loaded.model,
-                out,
-                base=tiny_base,
-                trained_task="topics",
-                parent_dir=None,
-                steps=["topics"],
-                history={},
-                lineage={},
-            )
+            write(out)
         message = str(caught.value)
         assert message.startswith(f"could not write the bank {out}: {ENOSPC}"), message
         assert what.split("/")[-1] in message and "the temporary folder" in message
         assert sorted(p.name for p in (tmp_path / "banks").iterdir()) == ["b1"]
+    # the staging folder itself cannot be made (a file stands where the banks' folder should be)
+    (tmp_path / "not-a-folder").write_text("x")
+    out = tmp_path / "not-a-folder" / "b3"
+    with pytest.raises(WriteError) as caught:
+        write(out)
+    message = str(caught.value)
+    assert message.startswith(f"could not write the bank {out}"), message
+    assert f"It failed making a folder in {out.parent}; nothing was kept." in message, message
+    assert (tmp_path / "not-a-folder").read_text() == "x"
